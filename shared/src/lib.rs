@@ -1,0 +1,29 @@
+//! skerry's shared library: everything both agents agree on.
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`portmap`] | port specs (`tcp/443=127.0.0.1:8443,proxy=v2`), the public view the edge sees, validation |
+//! | [`frame`] | the control channel's framing: version, length, hard maximum, postcard body |
+//! | [`protocol`] | the control messages and the version negotiation |
+//! | [`flow`] | the header that opens every tunneled TCP flow and every UDP datagram |
+//! | [`pki`] | the private CA and the certificates of both agents (rcgen) |
+//! | [`tls`] | rustls configurations for mutual TLS on the control channel |
+//! | [`bootstrap`] | the one document an edge needs to start |
+//! | [`paths`] | state, config and runtime locations; the lock that keeps one agent per edge |
+//! | [`tunnel`] | the WireGuard data plane: boringtun over a TUN device set up with rtnetlink |
+//! | [`netns`] | network namespaces: the embedded local edge and the tests |
+//!
+//! What it does not do: open public listeners (the edge-agent does) or
+//! connect to targets (the home-agent does).
+#![deny(unsafe_code)]
+
+pub mod bootstrap;
+pub mod flow;
+pub mod frame;
+pub mod netns;
+pub mod paths;
+pub mod pki;
+pub mod portmap;
+pub mod protocol;
+pub mod tls;
+pub mod tunnel;
