@@ -1,1 +1,171 @@
-//! stub
+//! skerry's edge-agent: the small static program on the public VM.
+//!
+//! It accepts public TCP and UDP itself and carries every flow through a
+//! WireGuard tunnel (boringtun on a TUN device) to the home-agent. It knows
+//! public ports and their policy, never the targets behind them, and holds
+//! no state that a reconnecting home-agent cannot rebuild.
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`control`] | the QUIC control server and its sessions |
+//! | [`ports`] | the public listeners and applying a port map to them |
+//! | [`relay`] | moving public TCP and UDP flows into the tunnel |
+//! | [`udp_flows`] | the UDP flow table (no I/O) |
+//! | [`addresses`] | discovering the edge's public addresses |
+#![forbid(unsafe_code)]
+
+pub mod addresses;
+pub mod control;
+pub mod ports;
+pub mod relay;
+pub mod udp_flows;
+
+use std::net::{Ipv6Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use skerry::bootstrap::Bootstrap;
+use skerry::flow::{TCP_FLOW_PORT, UDP_FLOW_PORT};
+use skerry::protocol::EdgeInfo;
+use skerry::tunnel::device::{self, DEFAULT_MTU};
+use skerry::tunnel::{Endpoint, TunnelSpec, WireguardKey, driver};
+use socket2::{Domain, Socket, Type};
+use tokio::net::UdpSocket;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+pub use ports::Reserved;
+
+/// Default name of the edge's TUN device.
+pub const DEFAULT_TUN_NAME: &str = "skerry0";
+/// UDP socket buffers of the WireGuard socket: bursts at line rate must not
+/// overflow the kernel's default of about 200 KiB.
+const WIREGUARD_SOCKET_BUFFER: usize = 4 << 20;
+
+/// Everything the edge-agent runs from.
+#[derive(Debug, Clone)]
+pub struct EdgeOptions {
+    pub bootstrap: Bootstrap,
+    pub tun_name: String,
+    pub udp_idle: Duration,
+    pub drain_grace: Duration,
+}
+
+impl EdgeOptions {
+    pub fn new(bootstrap: Bootstrap) -> Self {
+        EdgeOptions {
+            bootstrap,
+            tun_name: DEFAULT_TUN_NAME.to_owned(),
+            udp_idle: Duration::from_secs(60),
+            drain_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Runs the edge until `shutdown` is cancelled.
+pub async fn run(opts: EdgeOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let boot = &opts.bootstrap;
+    let tunnel = boot.tunnel;
+    let tls = skerry::tls::quic_server_config(
+        &boot.ca_cert().context("bootstrap CA certificate")?,
+        &boot.identity().context("bootstrap edge identity")?,
+    )
+    .context("building the control channel's TLS configuration")?;
+
+    let key = WireguardKey::generate();
+    let tun = device::create(
+        &opts.tun_name,
+        tunnel.edge(),
+        tunnel.prefix_len(),
+        DEFAULT_MTU,
+    )
+    .await
+    .context("creating the tunnel device")?;
+    let wg_socket = bind_wireguard(boot.wireguard_port)
+        .with_context(|| format!("binding the WireGuard port UDP {}", boot.wireguard_port))?;
+    let tunnel_handle = driver::spawn(
+        tun,
+        wg_socket,
+        TunnelSpec {
+            private_key: key.secret(),
+            peer_addr: tunnel.home(),
+            endpoint: Endpoint::Learned,
+            keepalive: None,
+        },
+        None,
+        shutdown.child_token(),
+    );
+
+    // UDP flows leave from the WireGuard port on the tunnel address: a
+    // port that is reserved anyway, so no public port is taken by it.
+    let flow_socket = bind_reuse_v4(SocketAddrV4::new(tunnel.edge(), boot.wireguard_port))
+        .context("binding the tunnel's UDP flow socket")?;
+    let ctx = Arc::new(relay::RelayContext::new(
+        SocketAddr::from((tunnel.home(), TCP_FLOW_PORT)),
+        SocketAddr::from((tunnel.home(), UDP_FLOW_PORT)),
+        Arc::new(flow_socket),
+        opts.udp_idle,
+        opts.drain_grace,
+    ));
+    let reserved = Reserved {
+        control_port: boot.control_port,
+        wireguard_port: boot.wireguard_port,
+    };
+    let ports = Arc::new(Mutex::new(ports::PortTable::new(reserved, ctx.clone())));
+    tokio::spawn(relay::udp_reply_loop(ctx, shutdown.child_token()));
+
+    let public_addrs = addresses::public_addrs(&opts.tun_name)
+        .await
+        .context("listing the edge's addresses")?;
+    let endpoint = control::endpoint(boot.control_port, tls)
+        .with_context(|| format!("binding the control port UDP {}", boot.control_port))?;
+    info!(
+        control_port = boot.control_port,
+        wireguard_port = boot.wireguard_port,
+        addrs = ?public_addrs,
+        "edge-agent ready"
+    );
+    let state = Arc::new(control::ControlState::new(
+        EdgeInfo {
+            wireguard_key: key.public(),
+            wireguard_port: boot.wireguard_port,
+            tunnel,
+            public_addrs,
+        },
+        tunnel_handle,
+        ports.clone(),
+    ));
+    control::serve(endpoint, state, shutdown.clone()).await;
+    ports.lock().await.close_all();
+    info!("edge-agent stopped");
+    Ok(())
+}
+
+fn bind_wireguard(port: u16) -> std::io::Result<UdpSocket> {
+    let s = Socket::new(Domain::IPV6, Type::DGRAM, None)?;
+    s.set_only_v6(false)?;
+    s.set_reuse_address(true)?;
+    size_buffers(&s);
+    s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+    s.set_nonblocking(true)?;
+    UdpSocket::from_std(s.into())
+}
+
+fn bind_reuse_v4(addr: SocketAddrV4) -> std::io::Result<UdpSocket> {
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
+    s.set_reuse_address(true)?;
+    s.bind(&SocketAddr::V4(addr).into())?;
+    s.set_nonblocking(true)?;
+    UdpSocket::from_std(s.into())
+}
+
+/// Asks for large buffers; the forcing variants work as root and ignore
+/// `net.core.rmem_max`, the plain ones are the fallback.
+pub fn size_buffers(s: &Socket) {
+    if s.set_recv_buffer_size(WIREGUARD_SOCKET_BUFFER).is_err() {
+        let _ = s.set_recv_buffer_size(WIREGUARD_SOCKET_BUFFER);
+    }
+    let _ = s.set_send_buffer_size(WIREGUARD_SOCKET_BUFFER);
+}

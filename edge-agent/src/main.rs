@@ -1,1 +1,98 @@
-fn main() {}
+//! The edge-agent binary: parses arguments and runs [`edge_agent::run`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use skerry::bootstrap::Bootstrap;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "edge-agent",
+    version,
+    about = "skerry's edge: public ports carried home through WireGuard"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve: control channel, tunnel and public ports.
+    Run {
+        /// The bootstrap file written by `home-agent edge-bootstrap`.
+        #[arg(long)]
+        bootstrap: PathBuf,
+        /// Name of the TUN device.
+        #[arg(long, default_value = edge_agent::DEFAULT_TUN_NAME)]
+        tun_name: String,
+        /// Idle time after which a UDP flow is forgotten.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        udp_idle: Duration,
+        /// How long flows on a removed port may go on.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        drain_grace: Duration,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edge-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let Command::Run {
+        bootstrap,
+        tun_name,
+        udp_idle,
+        drain_grace,
+    } = cli.command;
+    let bootstrap = Bootstrap::read_from(&bootstrap)
+        .with_context(|| format!("reading the bootstrap file {}", bootstrap.display()))?;
+    let mut opts = edge_agent::EdgeOptions::new(bootstrap);
+    opts.tun_name = tun_name;
+    opts.udp_idle = udp_idle;
+    opts.drain_grace = drain_grace;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(stop_on_signal(shutdown.clone()));
+        edge_agent::run(opts, shutdown).await
+    })
+}
+
+/// SIGINT and SIGTERM both stop the agent cleanly.
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    tracing::info!("signal received; shutting down");
+    shutdown.cancel();
+}

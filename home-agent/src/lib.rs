@@ -1,1 +1,63 @@
-//! stub
+//! skerry's home-agent: runs next to the services.
+//!
+//! It owns the private CA, dials the edge over mutually authenticated QUIC,
+//! brings up the WireGuard tunnel and forwards each public flow to the
+//! local target its port map names. The edge never learns those targets.
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`session`] | the control session (reconnecting) and bringing up the data plane |
+//! | [`forward`] | forwarding tunneled TCP and UDP flows to targets |
+//! | [`proxy_protocol`] | PROXY protocol v1/v2 headers toward targets that ask |
+//! | [`local_edge`] | `--edge local`: a real edge in a private network namespace |
+//! | [`backoff`] | reconnect delays (no I/O) |
+#![forbid(unsafe_code)]
+
+pub mod backoff;
+pub mod forward;
+pub mod local_edge;
+pub mod proxy_protocol;
+pub mod session;
+
+use std::path::Path;
+
+use anyhow::Context;
+use skerry::paths::{EdgeName, StateLock};
+use skerry::pki::HomePki;
+use skerry::tunnel::WireguardKey;
+
+pub use session::{HomeOptions, HomeStatus, run};
+
+/// What a home-agent holds for one edge name: the lock, the PKI, its key.
+#[derive(Debug)]
+pub struct HomeState {
+    pub lock: StateLock,
+    pub pki: HomePki,
+    pub key: WireguardKey,
+}
+
+impl HomeState {
+    /// Takes the lock on `dir` first, so two agents never race to create
+    /// the CA or drive one edge.
+    pub fn open(dir: &Path) -> anyhow::Result<HomeState> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let lock = StateLock::acquire(dir)?;
+        let pki = HomePki::load_or_create(dir)?;
+        let key = WireguardKey::load_or_create(&dir.join("wireguard.key"))?;
+        Ok(HomeState { lock, pki, key })
+    }
+}
+
+/// The TUN device name for an edge name: at most 15 bytes.
+pub fn tun_name(name: &EdgeName) -> String {
+    let n = name.as_ref();
+    if n.len() <= 12 {
+        format!("sk-{n}")
+    } else {
+        let mut h: u32 = 2_166_136_261;
+        for b in n.bytes() {
+            h = (h ^ u32::from(b)).wrapping_mul(16_777_619);
+        }
+        format!("sk-{:08x}", h)
+    }
+}

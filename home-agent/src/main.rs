@@ -1,1 +1,338 @@
-fn main() {}
+//! The home-agent binary: the command line over [`home_agent`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use home_agent::local_edge::LocalEdge;
+use home_agent::{HomeOptions, HomeState, HomeStatus};
+use skerry::bootstrap::{Bootstrap, DEFAULT_CONTROL_PORT, DEFAULT_WIREGUARD_PORT};
+use skerry::paths::{self, EdgeName};
+use skerry::pki::HomePki;
+use skerry::portmap::{PortMap, PortSpec};
+use skerry::tunnel::TunnelAddrs;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "home-agent",
+    version,
+    about = "skerry: put home services on a public IP you own"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Connect to an edge and serve the given ports until stopped.
+    Connect {
+        /// `local` (an edge in a private network namespace on this host),
+        /// `droplet`, or HOST[:PORT] of an edge-agent you run.
+        #[arg(long)]
+        edge: String,
+        /// Name of this edge: state, lock and device names derive from it.
+        #[arg(long, default_value = "default")]
+        name: EdgeName,
+        /// PROTO/PORT[-END]=TARGET[,proxy=v1|v2][,allow=CIDR…][,max-conns=N]
+        #[arg(short = 'p', long = "port", value_name = "SPEC")]
+        ports: Vec<String>,
+        /// Idle time after which a UDP flow is forgotten.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        udp_idle: Duration,
+    },
+    /// Write the one file an edge-agent you run yourself needs.
+    EdgeBootstrap {
+        #[arg(long, default_value = "default")]
+        name: EdgeName,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = DEFAULT_CONTROL_PORT)]
+        control_port: u16,
+        #[arg(long, default_value_t = DEFAULT_WIREGUARD_PORT)]
+        wireguard_port: u16,
+        /// The edge's tunnel address.
+        #[arg(long, default_value_t = TunnelAddrs::DEFAULT.edge())]
+        tunnel_edge: std::net::Ipv4Addr,
+        /// The home's tunnel address.
+        #[arg(long, default_value_t = TunnelAddrs::DEFAULT.home())]
+        tunnel_home: std::net::Ipv4Addr,
+        #[arg(long, default_value_t = TunnelAddrs::DEFAULT.prefix_len())]
+        tunnel_prefix: u8,
+    },
+}
+
+/// Exit codes: 0 done, 1 error, 2 usage (clap), 3 some ports refused.
+const EXIT_PORTS_REFUSED: u8 = 3;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("home-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::EdgeBootstrap {
+            name,
+            out,
+            control_port,
+            wireguard_port,
+            tunnel_edge,
+            tunnel_home,
+            tunnel_prefix,
+        } => {
+            let tunnel = TunnelAddrs::new(tunnel_edge, tunnel_home, tunnel_prefix)?;
+            let dir = paths::state_dir(&name)?;
+            let pki = HomePki::load_or_create(&dir)?;
+            Bootstrap::from_pki(&pki, control_port, wireguard_port, tunnel)
+                .write_to(&out)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "wrote {} (mode 0600): copy it to the edge and run",
+                out.display()
+            );
+            println!("  edge-agent run --bootstrap {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Connect {
+            edge,
+            name,
+            ports,
+            udp_idle,
+        } => connect(&edge, name, &ports, udp_idle),
+    }
+}
+
+fn connect(
+    edge: &str,
+    name: EdgeName,
+    specs: &[String],
+    udp_idle: Duration,
+) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    let (map, mut refused) = parse_ports(specs);
+    let dir = paths::state_dir(&name)?;
+    let state = HomeState::open(&dir)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+
+    let local = match edge {
+        "local" => {
+            let e = LocalEdge::start(&name, &state.pki, TunnelAddrs::DEFAULT)?;
+            step(
+                started,
+                &format!("local edge started in network namespace {}", e.namespace()),
+            );
+            Some(e)
+        }
+        "droplet" => bail!(
+            "--edge droplet is not available in this release yet; use --edge local to try skerry on this host, \
+             or run edge-agent on a server of yours and use --edge HOST (see `home-agent edge-bootstrap`)"
+        ),
+        _ => None,
+    };
+    let edge_addr = match &local {
+        Some(l) => l.control,
+        None => runtime.block_on(resolve(edge))?,
+    };
+
+    let opts = HomeOptions {
+        edge: edge_addr,
+        tun_name: home_agent::tun_name(&name),
+        udp_idle,
+    };
+    let result = runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(stop_on_signal(shutdown.clone()));
+        let (_map_tx, map_rx) = watch::channel(map.clone());
+        let (status_tx, status_rx) = watch::channel(HomeStatus::default());
+        let agent = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                home_agent::run(opts, &state.pki, &state.key, map_rx, status_tx, shutdown).await
+            }
+        });
+        tokio::select! {
+            r = report_progress(started, edge_addr, &map, status_rx, local.as_ref()) => {
+                match r {
+                    Ok(n) => refused += n,
+                    Err(e) => eprintln!("home-agent: {e:#}"),
+                }
+            }
+            () = shutdown.cancelled() => {}
+        }
+        println!("serving; Ctrl-C to stop");
+        shutdown.cancelled().await;
+        match agent.await {
+            Ok(r) => r,
+            Err(e) => Err(anyhow::anyhow!("home-agent task failed: {e}")),
+        }
+    });
+    if let Some(l) = local {
+        l.stop()?;
+        println!("local edge stopped and its namespace removed");
+    }
+    result?;
+    Ok(if refused > 0 {
+        ExitCode::from(EXIT_PORTS_REFUSED)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Parses every spec, refusing each bad one alone.
+fn parse_ports(specs: &[String]) -> (PortMap, usize) {
+    let mut good = Vec::new();
+    let mut refused = 0;
+    let mut originals = Vec::new();
+    for s in specs {
+        match s.parse::<PortSpec>() {
+            Ok(spec) => {
+                good.push(spec);
+                originals.push(s.clone());
+            }
+            Err(e) => {
+                refused += 1;
+                eprintln!("  ✗ {s}: {e}");
+            }
+        }
+    }
+    let (map, errors) = PortMap::from_specs(1, good);
+    for (i, e) in errors {
+        refused += 1;
+        eprintln!("  ✗ {}: {e}", originals.get(i).map_or("?", String::as_str));
+    }
+    (map, refused)
+}
+
+async fn resolve(edge: &str) -> anyhow::Result<SocketAddr> {
+    let with_port = if edge.parse::<SocketAddr>().is_ok()
+        || edge
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.ends_with(':') && !h.contains(':') && p.parse::<u16>().is_ok())
+    {
+        edge.to_owned()
+    } else if edge.contains(':') && !edge.starts_with('[') {
+        format!("[{edge}]:{DEFAULT_CONTROL_PORT}")
+    } else {
+        format!("{edge}:{DEFAULT_CONTROL_PORT}")
+    };
+    tokio::net::lookup_host(&with_port)
+        .await
+        .with_context(|| format!("resolving the edge address {with_port}"))?
+        .next()
+        .with_context(|| format!("{with_port} has no address"))
+}
+
+fn step(started: Instant, what: &str) {
+    println!("  ✓ {what:<60} {:>6.1}s", started.elapsed().as_secs_f64());
+}
+
+/// Prints each phase as it completes; returns how many ports the edge refused.
+async fn report_progress(
+    started: Instant,
+    edge: SocketAddr,
+    map: &PortMap,
+    mut status: watch::Receiver<HomeStatus>,
+    local: Option<&LocalEdge>,
+) -> anyhow::Result<usize> {
+    println!("connecting to the edge at {edge} …");
+    let s = status
+        .wait_for(|s| s.connected || s.last_error.is_some())
+        .await?
+        .clone();
+    if !s.connected {
+        if let Some(e) = &s.last_error {
+            eprintln!("  … {e} (retrying)");
+        }
+        status.wait_for(|s| s.connected).await?;
+    }
+    step(started, "control channel up (QUIC, mutual TLS)");
+    let tunnel = status.borrow().tunnel_handle.clone();
+    if let Some(t) = tunnel
+        && t.stats().last_handshake.is_none()
+    {
+        tokio::time::timeout(Duration::from_secs(30), t.handshake())
+            .await
+            .context(
+                "no WireGuard handshake within 30 s: is UDP to the edge's WireGuard port blocked?",
+            )??;
+    }
+    step(started, "WireGuard tunnel handshake complete");
+    let applied = status
+        .wait_for(|s| {
+            s.applied
+                .as_ref()
+                .is_some_and(|a| a.generation == map.generation())
+        })
+        .await?
+        .applied
+        .clone()
+        .context("no answer to the port map")?;
+    let mut refused = 0;
+    for r in &applied.results {
+        let target = map
+            .specs()
+            .iter()
+            .find(|s| s.key() == r.key)
+            .map_or_else(String::new, |s| format!(" → {}", s.target));
+        if r.status.is_ok() {
+            println!("  ✓ {}{target}: {}", r.key, r.status);
+        } else {
+            refused += 1;
+            println!("  ✗ {}{target}: {}", r.key, r.status);
+        }
+    }
+    let addrs = status.borrow().edge_public_addrs.clone();
+    let shown: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+    println!("public address: {}", shown.join(", "));
+    if let (Some(l), Some(first)) = (local, map.specs().first()) {
+        println!(
+            "  try it from this host: {} {}:{}",
+            if first.protocol == skerry::portmap::Protocol::Tcp {
+                "nc -v"
+            } else {
+                "nc -uv"
+            },
+            l.public_v4,
+            first.ports.start()
+        );
+    }
+    Ok(refused)
+}
+
+/// SIGINT and SIGTERM both stop the agent cleanly.
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    shutdown.cancel();
+}

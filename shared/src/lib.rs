@@ -4,7 +4,8 @@
 //! |---|---|
 //! | [`portmap`] | port specs (`tcp/443=127.0.0.1:8443,proxy=v2`), the public view the edge sees, validation |
 //! | [`frame`] | the control channel's framing: version, length, hard maximum, postcard body |
-//! | [`protocol`] | the control messages and the version negotiation |
+//! | [`protocol`] | the control messages and the two ends of a session, without I/O |
+//! | [`control`] | reading and writing those messages on a stream |
 //! | [`flow`] | the header that opens every tunneled TCP flow and every UDP datagram |
 //! | [`pki`] | the private CA and the certificates of both agents (rcgen) |
 //! | [`tls`] | rustls configurations for mutual TLS on the control channel |
@@ -18,6 +19,7 @@
 #![deny(unsafe_code)]
 
 pub mod bootstrap;
+pub mod control;
 pub mod flow;
 pub mod frame;
 pub mod netns;

@@ -3,7 +3,18 @@
 //! | module | owns |
 //! |---|---|
 //! | [`addrs`] | the private addresses of the two tunnel ends |
+//! | [`device`] | creating and configuring the TUN device (rtnetlink) |
+//! | [`driver`] | the task that moves packets between TUN, `Tunn` and UDP |
+//! | [`keys`] | WireGuard keys, kept in a type that never prints |
+//!
+//! The tunnel carries IPv4 between two addresses only; public clients of
+//! either family are served by the edge, whose flows then cross the tunnel.
 
 pub mod addrs;
+pub mod device;
+pub mod driver;
+pub mod keys;
 
 pub use addrs::TunnelAddrs;
+pub use driver::{Endpoint, TunnelHandle, TunnelSpec, TunnelStats};
+pub use keys::WireguardKey;

@@ -1,0 +1,156 @@
+//! The edge's control server: QUIC with mutual TLS, one session per
+//! home-agent connection, the newest session wins.
+
+use std::net::{Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+
+use skerry::control::{ControlError, MessageReader, write_message};
+use skerry::protocol::{EdgeAction, EdgeInfo, EdgeSession, ProtocolError};
+use skerry::tunnel::TunnelHandle;
+use skerry::tunnel::driver::short_key;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::ports::PortTable;
+
+/// QUIC application close codes the edge uses.
+pub mod close_code {
+    pub const SHUTDOWN: u32 = 0;
+    pub const PROTOCOL: u32 = 1;
+    pub const SUPERSEDED: u32 = 2;
+}
+
+/// What the control server shares with each session.
+#[derive(Debug)]
+pub struct ControlState {
+    pub info: EdgeInfo,
+    pub tunnel: TunnelHandle,
+    pub ports: Arc<Mutex<PortTable>>,
+    /// The established session, closed when a newer one takes over.
+    current: Mutex<Option<quinn::Connection>>,
+}
+
+impl ControlState {
+    pub fn new(info: EdgeInfo, tunnel: TunnelHandle, ports: Arc<Mutex<PortTable>>) -> Self {
+        ControlState {
+            info,
+            tunnel,
+            ports,
+            current: Mutex::new(None),
+        }
+    }
+}
+
+/// Binds the control endpoint on every address (dual-stack).
+pub fn endpoint(port: u16, config: quinn::ServerConfig) -> std::io::Result<quinn::Endpoint> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::DGRAM, None)?;
+    socket.set_only_v6(false)?;
+    socket.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime for the control endpoint"))?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        socket.into(),
+        runtime,
+    )
+}
+
+/// Accepts control connections until `shutdown`.
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    state: Arc<ControlState>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let incoming = tokio::select! {
+            () = shutdown.cancelled() => break,
+            i = endpoint.accept() => match i { Some(i) => i, None => break },
+        };
+        let remote = incoming.remote_address();
+        let state = state.clone();
+        tokio::spawn(
+            async move { serve_connection(incoming, state).await }
+                .instrument(info_span!("control", peer = %remote)),
+        );
+    }
+    endpoint.close(
+        quinn::VarInt::from_u32(close_code::SHUTDOWN),
+        b"edge shutting down",
+    );
+}
+
+async fn serve_connection(incoming: quinn::Incoming, state: Arc<ControlState>) {
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            // No client certificate, one from another CA, wrong ALPN, or a
+            // handshake that never completed.
+            warn!(reason = %e, "control connection refused");
+            return;
+        }
+    };
+    let (mut send, recv) = match conn.accept_bi().await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(reason = %e, "control connection closed before opening a stream");
+            return;
+        }
+    };
+    let mut reader = MessageReader::new(recv);
+    let mut session = EdgeSession::new(state.info.clone());
+    let result: Result<(), ControlError> = async {
+        while let Some(msg) = reader.next().await? {
+            match session.handle(msg)? {
+                EdgeAction::Established { home_key, reply } => {
+                    info!(home_key = %short_key(&home_key), "home-agent connected");
+                    if state.tunnel.set_peer(home_key).await.is_err() {
+                        return Err(ControlError::Io(std::io::Error::other("tunnel stopped")));
+                    }
+                    if let Some(old) = state.current.lock().await.replace(conn.clone()) {
+                        old.close(
+                            quinn::VarInt::from_u32(close_code::SUPERSEDED),
+                            b"a newer session took over",
+                        );
+                    }
+                    write_message(&mut send, &reply).await?;
+                }
+                EdgeAction::Apply(map) => {
+                    let generation = map.generation;
+                    let results = state.ports.lock().await.apply(map);
+                    write_message(&mut send, &session.applied(generation, results)).await?;
+                }
+                EdgeAction::Reply(m) => write_message(&mut send, &m).await?,
+            }
+        }
+        Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => info!("home-agent closed the control session"),
+        Err(ControlError::Protocol(e)) => {
+            warn!(reason = %e, "control session closed: protocol error");
+            refuse(&mut send, &conn, &e).await;
+        }
+        Err(ControlError::Io(e)) => info!(reason = %e, "control session ended"),
+    }
+    let mut current = state.current.lock().await;
+    if current
+        .as_ref()
+        .is_some_and(|c| c.stable_id() == conn.stable_id())
+    {
+        *current = None;
+    }
+}
+
+async fn refuse(send: &mut quinn::SendStream, conn: &quinn::Connection, e: &ProtocolError) {
+    let _ = write_message(send, &EdgeSession::refusal(e)).await;
+    let _ = send.finish();
+    let reason = e.to_string();
+    let reason = reason.as_bytes();
+    conn.close(
+        quinn::VarInt::from_u32(close_code::PROTOCOL),
+        &reason[..reason.len().min(128)],
+    );
+}

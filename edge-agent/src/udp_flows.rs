@@ -1,0 +1,181 @@
+//! The edge's table of UDP flows, without I/O.
+//!
+//! A flow is one client address on one public port. The edge gives it an id
+//! that travels with every datagram through the tunnel; replies from home
+//! name only that id, so the edge alone decides where a reply goes. Flows
+//! expire after an idle period.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flow {
+    pub public_port: u16,
+    pub client: SocketAddr,
+    last_seen: Instant,
+}
+
+/// Why a new flow was not opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The port's `max-conns` cap is reached.
+    PortFull,
+}
+
+#[derive(Debug, Default)]
+pub struct FlowTable {
+    by_client: HashMap<(u16, SocketAddr), u32>,
+    by_id: HashMap<u32, Flow>,
+    per_port: HashMap<u16, usize>,
+    next_id: u32,
+}
+
+impl FlowTable {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The flow of a datagram from `client` to `public_port`, opened if new.
+    pub fn inbound(
+        &mut self,
+        public_port: u16,
+        client: SocketAddr,
+        max: Option<u32>,
+        now: Instant,
+    ) -> Result<u32, Refused> {
+        if let Some(&id) = self.by_client.get(&(public_port, client)) {
+            if let Some(f) = self.by_id.get_mut(&id) {
+                f.last_seen = now;
+            }
+            return Ok(id);
+        }
+        let open = self.per_port.get(&public_port).copied().unwrap_or(0);
+        if let Some(max) = max
+            && u64::try_from(open).unwrap_or(u64::MAX) >= u64::from(max)
+        {
+            return Err(Refused::PortFull);
+        }
+        let id = self.fresh_id();
+        self.by_client.insert((public_port, client), id);
+        self.by_id.insert(
+            id,
+            Flow {
+                public_port,
+                client,
+                last_seen: now,
+            },
+        );
+        *self.per_port.entry(public_port).or_default() += 1;
+        Ok(id)
+    }
+
+    /// Where a reply for flow `id` goes; a reply keeps the flow alive.
+    pub fn outbound(&mut self, id: u32, now: Instant) -> Option<Flow> {
+        let f = self.by_id.get_mut(&id)?;
+        f.last_seen = now;
+        Some(*f)
+    }
+
+    /// Removes flows idle for longer than `idle`; returns how many.
+    pub fn expire(&mut self, now: Instant, idle: Duration) -> usize {
+        let dead: Vec<u32> = self
+            .by_id
+            .iter()
+            .filter(|(_, f)| now.saturating_duration_since(f.last_seen) > idle)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in &dead {
+            self.remove(*id);
+        }
+        dead.len()
+    }
+
+    /// Drops every flow of a public port (the port was removed).
+    pub fn remove_port(&mut self, public_port: u16) {
+        let ids: Vec<u32> = self
+            .by_id
+            .iter()
+            .filter(|(_, f)| f.public_port == public_port)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in ids {
+            self.remove(id);
+        }
+    }
+
+    pub fn count(&self, public_port: u16) -> usize {
+        self.per_port.get(&public_port).copied().unwrap_or(0)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    fn remove(&mut self, id: u32) {
+        if let Some(f) = self.by_id.remove(&id) {
+            self.by_client.remove(&(f.public_port, f.client));
+            if let Some(n) = self.per_port.get_mut(&f.public_port) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.per_port.remove(&f.public_port);
+                }
+            }
+        }
+    }
+
+    fn fresh_id(&mut self) -> u32 {
+        loop {
+            self.next_id = self.next_id.wrapping_add(1);
+            if !self.by_id.contains_key(&self.next_id) {
+                return self.next_id;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(p: u16) -> SocketAddr {
+        SocketAddr::from(([198, 18, 0, 2], p))
+    }
+
+    #[test]
+    fn same_client_same_flow_until_idle() {
+        let t0 = Instant::now();
+        let mut t = FlowTable::new();
+        let a = t.inbound(53, addr(1000), None, t0).unwrap();
+        let b = t.inbound(53, addr(1001), None, t0).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(t.inbound(53, addr(1000), None, t0), Ok(a));
+        assert_eq!(
+            t.outbound(a, t0 + Duration::from_secs(50)).unwrap().client,
+            addr(1000)
+        );
+        assert_eq!(
+            t.expire(t0 + Duration::from_secs(61), Duration::from_secs(60)),
+            1
+        );
+        assert!(t.outbound(b, t0).is_none());
+        assert!(t.outbound(a, t0).is_some());
+    }
+
+    #[test]
+    fn cap_per_port() {
+        let now = Instant::now();
+        let mut t = FlowTable::new();
+        t.inbound(53, addr(1), Some(2), now).unwrap();
+        t.inbound(53, addr(2), Some(2), now).unwrap();
+        assert_eq!(t.inbound(53, addr(3), Some(2), now), Err(Refused::PortFull));
+        assert!(t.inbound(54, addr(3), Some(2), now).is_ok());
+        t.remove_port(53);
+        assert_eq!(t.count(53), 0);
+        assert_eq!(t.len(), 1);
+    }
+}

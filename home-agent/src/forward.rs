@@ -1,0 +1,359 @@
+//! Forwarding flows that arrive through the tunnel to their targets.
+//!
+//! Only the home-agent knows targets: every flow names a public port, and
+//! the current port map says where that port goes. A retargeted port sends
+//! new flows to the new target; flows already open keep theirs.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use skerry::flow::{DatagramHeader, FlowHeader, MAX_DATAGRAM_HEADER_LEN, MAX_FLOW_HEADER_LEN};
+use skerry::portmap::{PortMap, Protocol};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info_span, trace, warn};
+
+use crate::proxy_protocol;
+
+/// How long a flow header may take to arrive.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the forwarders share: the live map and what is known of the edge.
+#[derive(Debug)]
+pub struct Forwarding {
+    map: RwLock<Arc<PortMap>>,
+    /// The edge's tunnel address: the only source of flows accepted.
+    pub edge_tunnel: Ipv4Addr,
+    public_addrs: RwLock<Vec<IpAddr>>,
+    pub udp_idle: Duration,
+    open_flows: Mutex<HashMap<(Protocol, u16), usize>>,
+}
+
+impl Forwarding {
+    pub fn new(map: PortMap, edge_tunnel: Ipv4Addr, udp_idle: Duration) -> Self {
+        Forwarding {
+            map: RwLock::new(Arc::new(map)),
+            edge_tunnel,
+            public_addrs: RwLock::new(Vec::new()),
+            udp_idle,
+            open_flows: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn map(&self) -> Arc<PortMap> {
+        self.map.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set_map(&self, map: PortMap) {
+        *self.map.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(map);
+    }
+
+    pub fn set_public_addrs(&self, addrs: Vec<IpAddr>) {
+        *self.public_addrs.write().unwrap_or_else(|p| p.into_inner()) = addrs;
+    }
+
+    /// Open flows per public port.
+    pub fn open_flows(&self) -> HashMap<(Protocol, u16), usize> {
+        self.open_flows
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn count(&self, key: (Protocol, u16), delta: isize) {
+        let mut m = self.open_flows.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(key).or_default();
+        *n = n.saturating_add_signed(delta);
+        if *n == 0 {
+            m.remove(&key);
+        }
+    }
+
+    /// The public address a client dialed, as well as home can tell.
+    fn public_dest(&self, client: SocketAddr, port: u16) -> SocketAddr {
+        let v4 = client.ip().to_canonical().is_ipv4();
+        self.public_addrs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|a| a.is_ipv4() == v4)
+            .map(|a| SocketAddr::new(*a, port))
+            .unwrap_or_else(|| proxy_protocol::unknown_dest(client, port))
+    }
+}
+
+/// Counts a flow as open for as long as it lives.
+struct FlowGuard<'a> {
+    fwd: &'a Forwarding,
+    key: (Protocol, u16),
+}
+
+impl<'a> FlowGuard<'a> {
+    fn new(fwd: &'a Forwarding, key: (Protocol, u16)) -> Self {
+        fwd.count(key, 1);
+        FlowGuard { fwd, key }
+    }
+}
+
+impl Drop for FlowGuard<'_> {
+    fn drop(&mut self) {
+        self.fwd.count(self.key, -1);
+    }
+}
+
+/// Accepts TCP flows from the edge until `shutdown`.
+pub async fn tcp_flows(listener: TcpListener, fwd: Arc<Forwarding>, shutdown: CancellationToken) {
+    loop {
+        let (stream, from) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "accepting a tunnel flow failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        if from.ip().to_canonical() != IpAddr::V4(fwd.edge_tunnel) {
+            warn!(%from, "flow from an address other than the edge's tunnel address; closed");
+            continue;
+        }
+        let fwd = fwd.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                r = tcp_flow(stream, &fwd) => if let Err(e) = r { debug!(error = %e, "flow ended with an error") },
+                () = shutdown.cancelled() => {}
+            }
+        });
+    }
+}
+
+async fn tcp_flow(mut tunnel: TcpStream, fwd: &Forwarding) -> anyhow::Result<()> {
+    tunnel.set_nodelay(true)?;
+    let mut buf = [0u8; MAX_FLOW_HEADER_LEN];
+    let mut have = 0;
+    let (header, used) = tokio::time::timeout(HEADER_TIMEOUT, async {
+        loop {
+            if let Some(h) = FlowHeader::decode(&buf[..have])? {
+                return anyhow::Ok(h);
+            }
+            if have == buf.len() {
+                anyhow::bail!("flow header too long");
+            }
+            let n = tunnel.read(&mut buf[have..]).await?;
+            if n == 0 {
+                anyhow::bail!("tunnel flow closed before its header");
+            }
+            have += n;
+        }
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("no flow header within {HEADER_TIMEOUT:?}"))??;
+    let early = buf[used..have].to_vec();
+    let span = info_span!("flow", port = header.public_port, client = %header.client);
+    async move {
+        let map = fwd.map();
+        let Some(spec) = map.lookup(Protocol::Tcp, header.public_port) else {
+            debug!("no target for this port (removed?); flow closed");
+            return Ok(());
+        };
+        let Some(target) = spec.target_for(header.public_port) else {
+            return Ok(());
+        };
+        let proxy = spec.proxy;
+        drop(map);
+        let _guard = FlowGuard::new(fwd, (Protocol::Tcp, header.public_port));
+        let mut out = tokio::time::timeout(TARGET_CONNECT_TIMEOUT, TcpStream::connect(target))
+            .await
+            .map_err(|_| anyhow::anyhow!("target {target} did not answer"))?
+            .map_err(|e| anyhow::anyhow!("target {target}: {e}"))?;
+        out.set_nodelay(true)?;
+        if let Some(v) = proxy {
+            let dest = fwd.public_dest(header.client, header.public_port);
+            out.write_all(&proxy_protocol::header(
+                v,
+                Protocol::Tcp,
+                header.client,
+                dest,
+            ))
+            .await?;
+        }
+        if !early.is_empty() {
+            out.write_all(&early).await?;
+        }
+        let (up, down) = tokio::io::copy_bidirectional(&mut tunnel, &mut out).await?;
+        trace!(%target, up, down, "flow closed");
+        Ok(())
+    }
+    .instrument(span)
+    .await
+}
+
+struct UdpFlow {
+    public_port: u16,
+    client: SocketAddr,
+    socket: Arc<UdpSocket>,
+    proxy: Option<skerry::portmap::ProxyProtocol>,
+    last_seen: Arc<AtomicU64>,
+}
+
+/// Carries UDP datagrams between the edge and targets until `shutdown`.
+pub async fn udp_flows(tunnel: Arc<UdpSocket>, fwd: Arc<Forwarding>, shutdown: CancellationToken) {
+    let started = Instant::now();
+    let mut flows: HashMap<u32, UdpFlow> = HashMap::new();
+    let mut buf = vec![0u8; 65536];
+    let mut sweep = tokio::time::interval(Duration::from_secs(1).min(fwd.udp_idle));
+    loop {
+        let (n, from) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = sweep.tick() => {
+                let now = elapsed_ms(started);
+                let idle = u64::try_from(fwd.udp_idle.as_millis()).unwrap_or(u64::MAX);
+                flows.retain(|_, f| now.saturating_sub(f.last_seen.load(Ordering::Relaxed)) <= idle);
+                continue;
+            }
+            r = tunnel.recv_from(&mut buf) => match r {
+                Ok(r) => r,
+                Err(e) => { debug!(error = %e, "tunnel UDP receive failed"); continue; }
+            },
+        };
+        if from.ip().to_canonical() != IpAddr::V4(fwd.edge_tunnel) {
+            trace!(%from, "datagram not from the edge's tunnel address; dropped");
+            continue;
+        }
+        let (header, payload) = match DatagramHeader::decode(&buf[..n]) {
+            Ok(d) => d,
+            Err(e) => {
+                debug!(error = %e, "malformed datagram from the edge; dropped");
+                continue;
+            }
+        };
+        let stale = flows
+            .get(&header.flow_id)
+            .is_some_and(|f| f.public_port != header.public_port || f.client != header.client);
+        if stale {
+            flows.remove(&header.flow_id);
+        }
+        if !flows.contains_key(&header.flow_id) {
+            match open_udp_flow(&fwd, header, from, tunnel.clone(), started).await {
+                Some(f) => {
+                    flows.insert(header.flow_id, f);
+                }
+                None => continue,
+            }
+        }
+        let Some(flow) = flows.get(&header.flow_id) else {
+            continue;
+        };
+        flow.last_seen.store(elapsed_ms(started), Ordering::Relaxed);
+        let sent = match flow.proxy {
+            Some(v) => {
+                let dest = fwd.public_dest(flow.client, flow.public_port);
+                let mut d = proxy_protocol::header(v, Protocol::Udp, flow.client, dest);
+                d.extend_from_slice(payload);
+                flow.socket.send(&d).await
+            }
+            None => flow.socket.send(payload).await,
+        };
+        if let Err(e) = sent {
+            trace!(error = %e, "datagram to target not sent");
+        }
+    }
+}
+
+fn elapsed_ms(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+async fn open_udp_flow(
+    fwd: &Arc<Forwarding>,
+    header: DatagramHeader,
+    edge: SocketAddr,
+    tunnel: Arc<UdpSocket>,
+    started: Instant,
+) -> Option<UdpFlow> {
+    let map = fwd.map();
+    let spec = map.lookup(Protocol::Udp, header.public_port)?;
+    let target = spec.target_for(header.public_port)?;
+    let proxy = spec.proxy;
+    drop(map);
+    let bind: SocketAddr = if target.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = match UdpSocket::bind(bind).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot open a UDP socket toward a target");
+            return None;
+        }
+    };
+    if let Err(e) = socket.connect(target).await {
+        debug!(%target, error = %e, "cannot reach UDP target");
+        return None;
+    }
+    let socket = Arc::new(socket);
+    let last_seen = Arc::new(AtomicU64::new(elapsed_ms(started)));
+    let flow = UdpFlow {
+        public_port: header.public_port,
+        client: header.client,
+        socket: socket.clone(),
+        proxy,
+        last_seen: last_seen.clone(),
+    };
+    let fwd = fwd.clone();
+    let span = info_span!("udp_flow", port = header.public_port, client = %header.client, flow = header.flow_id);
+    tokio::spawn(
+        async move {
+            let _guard = FlowGuard::new(&fwd, (Protocol::Udp, header.public_port));
+            let mut buf = vec![0u8; MAX_DATAGRAM_HEADER_LEN + 65536];
+            let idle = fwd.udp_idle;
+            loop {
+                let now = elapsed_ms(started);
+                let quiet =
+                    Duration::from_millis(now.saturating_sub(last_seen.load(Ordering::Relaxed)));
+                if quiet > idle {
+                    break;
+                }
+                let wait = idle - quiet + Duration::from_millis(10);
+                let n = match tokio::time::timeout(
+                    wait,
+                    socket.recv(&mut buf[MAX_DATAGRAM_HEADER_LEN..]),
+                )
+                .await
+                {
+                    Err(_) => continue,
+                    Ok(Err(e)) => {
+                        // ICMP unreachable from a target that is down: keep
+                        // the flow, as a client may retry.
+                        trace!(error = %e, "target receive");
+                        continue;
+                    }
+                    Ok(Ok(n)) => n,
+                };
+                last_seen.store(elapsed_ms(started), Ordering::Relaxed);
+                let mut h = Vec::with_capacity(MAX_DATAGRAM_HEADER_LEN);
+                header.encode(&mut h);
+                let start = MAX_DATAGRAM_HEADER_LEN - h.len();
+                buf[start..MAX_DATAGRAM_HEADER_LEN].copy_from_slice(&h);
+                if let Err(e) = tunnel
+                    .send_to(&buf[start..MAX_DATAGRAM_HEADER_LEN + n], edge)
+                    .await
+                {
+                    trace!(error = %e, "reply to edge not sent");
+                }
+            }
+            trace!("UDP flow expired");
+        }
+        .instrument(span),
+    );
+    Some(flow)
+}

@@ -1,0 +1,291 @@
+//! The home-agent's side of the control channel, and the data plane it
+//! brings up once the edge has answered.
+//!
+//! The session reconnects with backoff when the control channel drops; the
+//! tunnel and the forwarders stay up meanwhile, so flows keep going.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use skerry::control::{MessageReader, write_message};
+use skerry::flow::{TCP_FLOW_PORT, UDP_FLOW_PORT};
+use skerry::pki::{EDGE_SERVER_NAME, HomePki};
+use skerry::portmap::PortMap;
+use skerry::protocol::{HomeEvent, HomeSession, PortsApplied, Welcome};
+use skerry::tunnel::device::{self, DEFAULT_MTU};
+use skerry::tunnel::driver::{self, HOME_KEEPALIVE_SECS};
+use skerry::tunnel::{Endpoint, TunnelAddrs, TunnelHandle, TunnelSpec, WireguardKey};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::backoff::Backoff;
+use crate::forward::{self, Forwarding};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const PING_INTERVAL: Duration = Duration::from_secs(15);
+/// A session that lasted this long resets the backoff.
+const STABLE_SESSION: Duration = Duration::from_secs(30);
+
+/// What the running agent knows, for the CLI and for status.
+#[derive(Debug, Clone, Default)]
+pub struct HomeStatus {
+    pub connected: bool,
+    pub edge_public_addrs: Vec<IpAddr>,
+    pub tunnel: TunnelAddrs,
+    /// The edge's answer to the latest map sent.
+    pub applied: Option<PortsApplied>,
+    pub last_error: Option<String>,
+    pub sessions: u64,
+    /// The tunnel, once the first session brought it up.
+    pub tunnel_handle: Option<TunnelHandle>,
+}
+
+/// Everything one `connect` runs from.
+#[derive(Debug, Clone)]
+pub struct HomeOptions {
+    /// The edge's control address.
+    pub edge: SocketAddr,
+    pub tun_name: String,
+    pub udp_idle: Duration,
+}
+
+struct DataPlane {
+    tunnel: TunnelHandle,
+    tunnel_addrs: TunnelAddrs,
+    edge_key: [u8; 32],
+    fwd: Arc<Forwarding>,
+}
+
+/// Runs the control session (reconnecting) and the data plane until
+/// `shutdown`. The port map comes from `map`: each change is sent as a new
+/// generation.
+pub async fn run(
+    opts: HomeOptions,
+    pki: &HomePki,
+    key: &WireguardKey,
+    mut map: watch::Receiver<PortMap>,
+    status: watch::Sender<HomeStatus>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let tls = skerry::tls::quic_client_config(pki.ca_cert(), pki.home())
+        .context("control channel TLS")?;
+    let bind: SocketAddr = if opts.edge.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let mut endpoint =
+        quinn::Endpoint::client(bind).context("opening the control channel's UDP socket")?;
+    endpoint.set_default_client_config(tls);
+
+    let mut plane: Option<DataPlane> = None;
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+    let result = loop {
+        let started = Instant::now();
+        let outcome = tokio::select! {
+            () = shutdown.cancelled() => break Ok(()),
+            r = session(&opts, &endpoint, key, &mut plane, &mut map, &status, &shutdown) => r,
+        };
+        status.send_modify(|s| s.connected = false);
+        match outcome {
+            Ok(()) => break Ok(()),
+            Err(e) if plane.is_none() && is_fatal(&e) => break Err(e),
+            Err(e) => {
+                if started.elapsed() > STABLE_SESSION {
+                    backoff.reset();
+                }
+                let wait = backoff.next_delay(rand::random::<f64>());
+                warn!(error = %format!("{e:#}"), retry_in = ?wait, "control channel lost; reconnecting (the tunnel keeps carrying flows)");
+                status.send_modify(|s| s.last_error = Some(format!("{e:#}")));
+                tokio::select! {
+                    () = shutdown.cancelled() => break Ok(()),
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    };
+    endpoint.close(quinn::VarInt::from_u32(0), b"home-agent stopping");
+    result
+}
+
+/// Errors that retrying will not fix.
+fn is_fatal(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<skerry::protocol::ProtocolError>()
+            .is_some_and(|p| {
+                matches!(
+                    p,
+                    skerry::protocol::ProtocolError::Version { .. }
+                        | skerry::protocol::ProtocolError::Refused(_)
+                )
+            })
+            || c.downcast_ref::<skerry::tunnel::device::DeviceError>()
+                .is_some()
+    })
+}
+
+async fn session(
+    opts: &HomeOptions,
+    endpoint: &quinn::Endpoint,
+    key: &WireguardKey,
+    plane: &mut Option<DataPlane>,
+    map: &mut watch::Receiver<PortMap>,
+    status: &watch::Sender<HomeStatus>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let conn = tokio::time::timeout(CONNECT_TIMEOUT, async {
+        endpoint
+            .connect(opts.edge, EDGE_SERVER_NAME)
+            .context("starting the control connection")?
+            .await
+            .context("control connection (is the edge running, and does it trust this home's CA?)")
+    })
+    .await
+    .map_err(|_| {
+        anyhow::anyhow!(
+            "the edge at {} did not answer within {CONNECT_TIMEOUT:?}",
+            opts.edge
+        )
+    })??;
+    let (mut send, recv) = conn.open_bi().await.context("opening the control stream")?;
+    let mut reader = MessageReader::new(recv);
+    let (mut session, hello) = HomeSession::start(key.public());
+    write_message(&mut send, &hello).await?;
+    let welcome = tokio::time::timeout(CONNECT_TIMEOUT, reader.next())
+        .await
+        .map_err(|_| anyhow::anyhow!("the edge did not answer Hello"))??
+        .context("the edge closed the control stream (a certificate it does not trust?)")?;
+    let HomeEvent::Established(welcome) = session.handle(welcome)? else {
+        bail!("the edge did not answer Hello with Welcome");
+    };
+    info!(edge = %opts.edge, addrs = ?welcome.public_addrs, "control channel up");
+    let initial = map.borrow().clone();
+    let fwd = ensure_plane(opts, key, plane, &welcome, initial, shutdown).await?;
+    fwd.set_public_addrs(welcome.public_addrs.clone());
+    status.send_modify(|s| {
+        s.connected = true;
+        s.edge_public_addrs = welcome.public_addrs.clone();
+        s.tunnel = welcome.tunnel;
+        s.sessions += 1;
+        s.last_error = None;
+        s.tunnel_handle = plane.as_ref().map(|p| p.tunnel.clone());
+    });
+
+    let current = map.borrow_and_update().clone();
+    fwd.set_map(current.clone());
+    write_message(
+        &mut send,
+        &session.apply(current.generation(), current.public())?,
+    )
+    .await?;
+    let mut ping = tokio::time::interval(PING_INTERVAL);
+    ping.tick().await;
+    let mut pings: u64 = 0;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => {
+                let _ = send.finish();
+                conn.close(quinn::VarInt::from_u32(0), b"home-agent stopping");
+                return Ok(());
+            }
+            changed = map.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                let next = map.borrow_and_update().clone();
+                fwd.set_map(next.clone());
+                write_message(&mut send, &session.apply(next.generation(), next.public())?).await?;
+            }
+            _ = ping.tick() => {
+                pings += 1;
+                write_message(&mut send, &skerry::protocol::Message::Ping(pings)).await?;
+            }
+            msg = reader.next() => {
+                let Some(msg) = msg? else {
+                    bail!("the edge closed the control stream");
+                };
+                match session.handle(msg)? {
+                    HomeEvent::Applied(applied) => {
+                        for r in applied.results.iter().filter(|r| !r.status.is_ok()) {
+                            warn!(entry = %r.key, status = %r.status, "edge refused a port");
+                        }
+                        status.send_modify(|s| s.applied = Some(applied));
+                    }
+                    HomeEvent::Pong(_) | HomeEvent::Established(_) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Brings the tunnel and forwarders up on the first Welcome; on later ones
+/// only follows a change of the edge's key.
+async fn ensure_plane(
+    opts: &HomeOptions,
+    key: &WireguardKey,
+    plane: &mut Option<DataPlane>,
+    welcome: &Welcome,
+    map: PortMap,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Arc<Forwarding>> {
+    if let Some(p) = plane {
+        if p.tunnel_addrs != welcome.tunnel {
+            bail!(
+                "the edge now uses tunnel addresses {:?}, not {:?}: restart the home-agent",
+                welcome.tunnel,
+                p.tunnel_addrs
+            );
+        }
+        if p.edge_key != welcome.wireguard_key {
+            info!("the edge has a new WireGuard key (it restarted); re-keying the tunnel");
+            p.tunnel.set_peer(welcome.wireguard_key).await?;
+            p.edge_key = welcome.wireguard_key;
+        }
+        return Ok(p.fwd.clone());
+    }
+    let t = welcome.tunnel;
+    let tun = device::create(&opts.tun_name, t.home(), t.prefix_len(), DEFAULT_MTU).await?;
+    let udp = UdpSocket::bind(if opts.edge.is_ipv4() {
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
+    } else {
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
+    })
+    .await
+    .context("binding the tunnel's UDP socket")?;
+    let tunnel = driver::spawn(
+        tun,
+        udp,
+        TunnelSpec {
+            private_key: key.secret(),
+            peer_addr: t.edge(),
+            endpoint: Endpoint::Fixed(SocketAddr::new(opts.edge.ip(), welcome.wireguard_port)),
+            keepalive: Some(HOME_KEEPALIVE_SECS),
+        },
+        Some(welcome.wireguard_key),
+        shutdown.child_token(),
+    );
+    let fwd = Arc::new(Forwarding::new(map, t.edge(), opts.udp_idle));
+    let tcp = TcpListener::bind((t.home(), TCP_FLOW_PORT))
+        .await
+        .with_context(|| format!("binding the flow listener {}:{TCP_FLOW_PORT}", t.home()))?;
+    let udp_flows = UdpSocket::bind((t.home(), UDP_FLOW_PORT))
+        .await
+        .with_context(|| format!("binding the UDP flow socket {}:{UDP_FLOW_PORT}", t.home()))?;
+    tokio::spawn(forward::tcp_flows(tcp, fwd.clone(), shutdown.child_token()));
+    tokio::spawn(forward::udp_flows(
+        Arc::new(udp_flows),
+        fwd.clone(),
+        shutdown.child_token(),
+    ));
+    *plane = Some(DataPlane {
+        tunnel,
+        tunnel_addrs: t,
+        edge_key: welcome.wireguard_key,
+        fwd: fwd.clone(),
+    });
+    Ok(fwd)
+}
