@@ -51,6 +51,8 @@ pub struct EdgeOptions {
     pub tun_name: String,
     pub udp_idle: Duration,
     pub drain_grace: Duration,
+    /// Told once the control endpoint is bound (the local edge waits on it).
+    pub ready: Option<std::sync::mpsc::SyncSender<()>>,
 }
 
 impl EdgeOptions {
@@ -60,6 +62,7 @@ impl EdgeOptions {
             tun_name: DEFAULT_TUN_NAME.to_owned(),
             udp_idle: Duration::from_secs(60),
             drain_grace: Duration::from_secs(30),
+            ready: None,
         }
     }
 }
@@ -127,6 +130,9 @@ pub async fn run(opts: EdgeOptions, shutdown: CancellationToken) -> anyhow::Resu
         addrs = ?public_addrs,
         "edge-agent ready"
     );
+    if let Some(ready) = &opts.ready {
+        let _ = ready.try_send(());
+    }
     let state = Arc::new(control::ControlState::new(
         EdgeInfo {
             wireguard_key: key.public(),

@@ -14,6 +14,8 @@ use skerry::tunnel::TunnelAddrs;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+const EDGE_START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// A running local edge. Dropping it stops the edge and removes the
 /// namespace and the veth pair.
 pub struct LocalEdge {
@@ -79,13 +81,15 @@ impl LocalEdge {
 
         let bootstrap =
             Bootstrap::from_pki(pki, DEFAULT_CONTROL_PORT, DEFAULT_WIREGUARD_PORT, tunnel);
-        let opts = edge_agent::EdgeOptions::new(bootstrap);
+        let mut opts = edge_agent::EdgeOptions::new(bootstrap);
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        opts.ready = Some(ready_tx);
         let stop = CancellationToken::new();
         let token = stop.clone();
         let thread = ns
             .spawn_runtime("local-edge", move || edge_agent::run(opts, token))
             .context("starting the local edge thread")?;
-        Ok(LocalEdge {
+        let mut edge = LocalEdge {
             stop,
             thread: Some(thread),
             _veth: veth,
@@ -93,7 +97,16 @@ impl LocalEdge {
             public_v4,
             public_v6,
             control: SocketAddr::from((public_v4, DEFAULT_CONTROL_PORT)),
-        })
+        };
+        // Dialing before the edge is bound costs a QUIC retransmit (1 s).
+        if ready_rx.recv_timeout(EDGE_START_TIMEOUT).is_err() {
+            let why = match edge.stop_inner() {
+                Err(e) => format!("{e:#}"),
+                Ok(()) => format!("not ready within {EDGE_START_TIMEOUT:?}"),
+            };
+            anyhow::bail!("the local edge did not start: {why}");
+        }
+        Ok(edge)
     }
 
     /// Whether the edge thread has stopped (it failed to start, say).

@@ -8,9 +8,10 @@
 //! TCP: one [`FlowHeader`] at the start of the stream the edge opens to
 //! `home:`[`TCP_FLOW_PORT`] through the tunnel, then the client's bytes.
 //!
-//! UDP: every datagram between `edge:`[`UDP_FLOW_PORT`] and
-//! `home:`[`UDP_FLOW_PORT`] starts with a [`DatagramHeader`] (the same fields
-//! plus the edge's flow id), then the payload. Both directions carry it; the
+//! UDP: every datagram between the edge (from its WireGuard port on its
+//! tunnel address, a port reserved anyway) and `home:`[`UDP_FLOW_PORT`]
+//! starts with a [`DatagramHeader`] (the same fields plus the edge's flow
+//! id), then the payload. Both directions carry it; the
 //! edge routes replies by flow id alone and ignores the address fields, so
 //! a home-agent cannot make the edge send to an address of its choosing.
 //!

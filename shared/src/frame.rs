@@ -186,7 +186,7 @@ mod tests {
             for b in &bodies { encode(b, &mut wire).unwrap(); }
             let mut d = FrameDecoder::new();
             d.feed(&wire).unwrap();
-            for b in &bodies { prop_assert_eq!(d.next_frame().unwrap().as_ref(), Some(b)); }
+            for b in &bodies { let f = d.next_frame().unwrap(); prop_assert_eq!(f.as_ref(), Some(b)); }
             prop_assert_eq!(d.next_frame().unwrap(), None);
         }
     }

@@ -943,7 +943,7 @@ mod tests {
         for name in [&stale, &live, &unrelated] {
             let _ = run("ip", &["netns", "del", name]);
         }
-        assert_eq!(swept, [stale.clone()]);
+        assert_eq!(swept, std::slice::from_ref(&stale));
         assert_eq!(remaining, [true, true]);
     }
 }

@@ -1,0 +1,166 @@
+//! A running edge-agent and home-agent in a [`Topology`], driven through the
+//! same library entry points the binaries use.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use home_agent::{HomeOptions, HomeStatus};
+use skerry::bootstrap::{Bootstrap, DEFAULT_CONTROL_PORT, DEFAULT_WIREGUARD_PORT};
+use skerry::pki::HomePki;
+use skerry::portmap::{PortMap, PortSpec};
+use skerry::protocol::PortsApplied;
+use skerry::tunnel::{TunnelAddrs, WireguardKey};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Background, Topology, spawn_in, unique};
+
+/// How long a test waits for the agents to reach a state.
+pub const SETTLE: Duration = Duration::from_secs(30);
+
+/// An edge and a home-agent connected through a topology. Dropping it stops
+/// both and removes everything (the topology last).
+pub struct Pair {
+    home: Option<Background>,
+    edge: Option<Background>,
+    pub edge_stop: CancellationToken,
+    pub home_stop: CancellationToken,
+    pub status: watch::Receiver<HomeStatus>,
+    pub map: watch::Sender<PortMap>,
+    pub pki: HomePki,
+    state_dir: PathBuf,
+    // Last: torn down after the agents inside it have stopped.
+    pub topo: Topology,
+}
+
+/// Options that tests vary.
+#[derive(Debug, Clone)]
+pub struct PairOptions {
+    pub udp_idle: Duration,
+    pub drain_grace: Duration,
+}
+
+impl Default for PairOptions {
+    fn default() -> Self {
+        PairOptions {
+            udp_idle: Duration::from_secs(60),
+            drain_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Parses specs that a test knows to be valid.
+pub fn port_map(generation: u64, specs: &[&str]) -> PortMap {
+    let specs: Vec<PortSpec> = specs
+        .iter()
+        .map(|s| s.parse().unwrap_or_else(|e| panic!("test spec {s}: {e}")))
+        .collect();
+    let (map, refused) = PortMap::from_specs(generation, specs);
+    assert!(refused.is_empty(), "test map refused entries: {refused:?}");
+    map
+}
+
+impl Pair {
+    pub fn start(specs: &[&str]) -> Pair {
+        Self::start_with(specs, PairOptions::default())
+    }
+
+    pub fn start_with(specs: &[&str], opts: PairOptions) -> Pair {
+        crate::require_root();
+        let topo = Topology::new();
+        let state_dir = std::env::temp_dir().join(unique("skerry-pair"));
+        let pki = HomePki::load_or_create(&state_dir).expect("creating the test PKI");
+        let key = WireguardKey::load_or_create(&state_dir.join("wireguard.key")).expect("WireGuard key");
+
+        let mut edge_opts = edge_agent::EdgeOptions::new(Bootstrap::from_pki(
+            &pki,
+            DEFAULT_CONTROL_PORT,
+            DEFAULT_WIREGUARD_PORT,
+            TunnelAddrs::DEFAULT,
+        ));
+        edge_opts.udp_idle = opts.udp_idle;
+        edge_opts.drain_grace = opts.drain_grace;
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        edge_opts.ready = Some(ready_tx);
+        let edge_stop = CancellationToken::new();
+        let token = edge_stop.clone();
+        let edge = spawn_in(&topo.edge, move || async move {
+            if let Err(e) = edge_agent::run(edge_opts, token).await {
+                panic!("edge-agent failed: {e:#}");
+            }
+        });
+        ready_rx.recv_timeout(SETTLE).expect("the edge did not become ready");
+
+        let map = port_map(1, specs);
+        let (map_tx, map_rx) = watch::channel(map);
+        let (status_tx, status) = watch::channel(HomeStatus::default());
+        let home_opts = HomeOptions {
+            edge: std::net::SocketAddr::from((topo.edge_home_side_v4, DEFAULT_CONTROL_PORT)),
+            tun_name: "skerry-home".into(),
+            udp_idle: opts.udp_idle,
+        };
+        let home_stop = CancellationToken::new();
+        let token = home_stop.clone();
+        let home_pki = pki.clone();
+        let home = spawn_in(&topo.home, move || async move {
+            if let Err(e) = home_agent::run(home_opts, &home_pki, &key, map_rx, status_tx, token).await {
+                panic!("home-agent failed: {e:#}");
+            }
+        });
+        let pair = Pair {
+            home: Some(home),
+            edge: Some(edge),
+            edge_stop,
+            home_stop,
+            status,
+            map: map_tx,
+            pki,
+            state_dir,
+            topo,
+        };
+        pair.wait_applied(1);
+        pair
+    }
+
+    /// Blocks until the edge has answered generation `generation`.
+    pub fn wait_applied(&self, generation: u64) -> PortsApplied {
+        let mut rx = self.status.clone();
+        block_on(async move {
+            let s = tokio::time::timeout(
+                SETTLE,
+                rx.wait_for(|s| s.applied.as_ref().is_some_and(|a| a.generation >= generation)),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("the edge did not answer generation {generation} within {SETTLE:?}"))
+            .expect("home-agent stopped");
+            s.applied.clone().expect("checked above")
+        })
+    }
+
+    /// Sends a new map and waits for the edge's answer.
+    pub fn apply(&self, map: PortMap) -> PortsApplied {
+        let g = map.generation();
+        self.map.send_replace(map);
+        self.wait_applied(g)
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        self.home_stop.cancel();
+        self.edge_stop.cancel();
+        drop(self.home.take());
+        drop(self.edge.take());
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}
+
+/// Runs a future on a fresh current-thread runtime in the calling thread's
+/// namespace (the root namespace for a test thread).
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("test runtime")
+        .block_on(f)
+}

@@ -1,0 +1,135 @@
+//! Hostile control clients from the internet side: each is refused, and the
+//! real home-agent's session and flows carry on undisturbed.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use skerry::bootstrap::DEFAULT_CONTROL_PORT;
+use skerry::frame::{FRAME_VERSION, MAX_FRAME_LEN};
+use skerry::pki::{EDGE_SERVER_NAME, HomePki};
+use skerry::tls::{CONTROL_ALPN, crypto_provider};
+use skerry_tests::agents::Pair;
+use skerry_tests::{run_in, spawn_in, tcp_digest_client, tcp_digest_server, unique};
+use tokio::net::TcpListener;
+
+const TCP_TARGET: &str = "127.0.0.1:8000";
+
+fn endpoint_with(config: rustls::ClientConfig) -> quinn::Endpoint {
+    let mut ep = quinn::Endpoint::client("0.0.0.0:0".parse().unwrap()).expect("client endpoint");
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(config)).expect("quic config");
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    ep
+}
+
+/// Sends `bytes` as the first thing on a control stream; returns how the
+/// edge ended it (an error is what we expect).
+async fn attempt(ep: &quinn::Endpoint, edge: SocketAddr, bytes: &[u8]) -> Result<Vec<u8>, String> {
+    let conn = ep
+        .connect(edge, EDGE_SERVER_NAME)
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    send.write_all(bytes).await.map_err(|e| e.to_string())?;
+    let read = tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(1 << 20)).await;
+    if read.is_err() {
+        // Still open after 10 s: the edge took it.
+        return Ok(Vec::new());
+    }
+    match tokio::time::timeout(Duration::from_secs(5), conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(c)) => Err(format!("closed by edge: {c}")),
+        Ok(other) => Err(other.to_string()),
+        Err(_) => Ok(Vec::new()),
+    }
+}
+
+#[test]
+fn hostile_control_clients_are_refused_and_the_real_session_carries_on() {
+    skerry_tests::init_tracing();
+    let pair = Pair::start(&[&format!("tcp/9000={TCP_TARGET}")]);
+    let _svc = spawn_in(&pair.topo.home, || async {
+        tcp_digest_server(TcpListener::bind(TCP_TARGET).await.expect("bind")).await;
+    });
+    let other_dir = std::env::temp_dir().join(unique("skerry-otherca"));
+    let other = HomePki::load_or_create(&other_dir).expect("second CA");
+    let ca = pair.pki.ca_cert().clone();
+    let home = pair.pki.home().clone();
+    let v4 = pair.topo.edge_public_v4;
+    let control = SocketAddr::from((v4, DEFAULT_CONTROL_PORT));
+
+    run_in(&pair.topo.client, move || async move {
+        // A real flow runs through all the attacks.
+        let flow = tokio::spawn(tcp_digest_client(SocketAddr::from((v4, 9000)), 32 << 20, [3; 32]));
+
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.clone()).expect("root");
+        let builder = || {
+            rustls::ClientConfig::builder_with_provider(crypto_provider())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .expect("tls13")
+                .with_root_certificates(roots.clone())
+        };
+
+        // 1. No client certificate.
+        let mut no_cert = builder().with_no_client_auth();
+        no_cert.alpn_protocols = vec![CONTROL_ALPN.to_vec()];
+        let r = attempt(&endpoint_with(no_cert), control, b"hello").await;
+        assert!(r.is_err(), "a client without a certificate was served: {r:?}");
+
+        // 2. A certificate from another CA.
+        let mut foreign = builder()
+            .with_client_auth_cert(other.home().cert_chain.clone(), other.home().key())
+            .expect("foreign cert");
+        foreign.alpn_protocols = vec![CONTROL_ALPN.to_vec()];
+        let r = attempt(&endpoint_with(foreign), control, b"hello").await;
+        assert!(r.is_err(), "a client with a foreign certificate was served: {r:?}");
+
+        // With a valid certificate, bad frames: each closes that connection.
+        let valid = || {
+            let mut c = builder()
+                .with_client_auth_cert(home.cert_chain.clone(), home.key())
+                .expect("home cert");
+            c.alpn_protocols = vec![CONTROL_ALPN.to_vec()];
+            endpoint_with(c)
+        };
+        // 3. A frame announced over the maximum.
+        let mut big = vec![FRAME_VERSION];
+        big.extend_from_slice(&u32::try_from(MAX_FRAME_LEN + 1).unwrap().to_be_bytes());
+        let r = attempt(&valid(), control, &big).await;
+        assert!(matches!(&r, Err(e) if e.contains("closed by edge")), "oversized frame: {r:?}");
+        // 4. Garbage.
+        let garbage: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let r = attempt(&valid(), control, &garbage).await;
+        assert!(matches!(&r, Err(e) if e.contains("closed by edge")), "garbage: {r:?}");
+        // 5. A well-framed body that is not a message.
+        let mut junk = vec![FRAME_VERSION, 0, 0, 0, 4];
+        junk.extend_from_slice(&[0xff, 0xff, 0xff, 0xff]);
+        let r = attempt(&valid(), control, &junk).await;
+        assert!(matches!(&r, Err(e) if e.contains("closed by edge")), "junk body: {r:?}");
+
+        flow.await.expect("flow task").expect("the real flow carried on intact");
+        // New flows still work after the attacks.
+        tcp_digest_client(SocketAddr::from((v4, 9000)), 1 << 20, [4; 32])
+            .await
+            .expect("a new flow after the attacks");
+    });
+    let s = pair.status.borrow().clone();
+    assert!(s.connected, "the real session dropped: {:?}", s.last_error);
+    assert_eq!(s.sessions, 1, "the real home-agent had to reconnect");
+    let _ = std::fs::remove_dir_all(&other_dir);
+}
+
+#[test]
+fn stream_ending_inside_a_frame_is_an_error() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let (mut a, b) = tokio::io::duplex(64);
+        tokio::io::AsyncWriteExt::write_all(&mut a, &[FRAME_VERSION, 0, 0, 0, 10, 1, 2])
+            .await
+            .unwrap();
+        drop(a);
+        let mut reader = skerry::control::MessageReader::new(b);
+        assert!(reader.next().await.is_err());
+    });
+}

@@ -1,0 +1,165 @@
+//! End to end: a client namespace reaches a service that listens on
+//! 127.0.0.1 in the home namespace, through a real edge-agent, a real
+//! WireGuard tunnel and a real home-agent.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use skerry::protocol::EntryStatus;
+use skerry_tests::agents::{Pair, port_map};
+use skerry_tests::{run_in, spawn_in, tcp_digest_client, tcp_digest_server, udp_echo_server};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+
+const TCP_TARGET: &str = "127.0.0.1:8000";
+const UDP_TARGET: &str = "127.0.0.1:8001";
+const PROXY_TARGET: &str = "127.0.0.1:8002";
+
+/// A service that reads a PROXY v1 line and answers with it.
+async fn proxy_line_server(listener: TcpListener) {
+    loop {
+        let Ok((s, _)) = listener.accept().await else { return };
+        tokio::spawn(async move {
+            let mut r = BufReader::new(s);
+            let mut line = String::new();
+            if r.read_line(&mut line).await.is_ok() {
+                let _ = r.get_mut().write_all(line.as_bytes()).await;
+            }
+        });
+    }
+}
+
+#[test]
+fn tcp_and_udp_cross_the_tunnel_intact() {
+    skerry_tests::init_tracing();
+    let pair = Pair::start(&[
+        &format!("tcp/9000={TCP_TARGET}"),
+        &format!("udp/9001={UDP_TARGET}"),
+        &format!("tcp/9002={PROXY_TARGET},proxy=v1"),
+    ]);
+    let applied = pair.wait_applied(1);
+    assert!(
+        applied.results.iter().all(|r| r.status == EntryStatus::Listening),
+        "{applied:?}"
+    );
+    let _services = spawn_in(&pair.topo.home, || async {
+        let tcp = TcpListener::bind(TCP_TARGET).await.expect("bind tcp target");
+        let udp = UdpSocket::bind(UDP_TARGET).await.expect("bind udp target");
+        let proxy = TcpListener::bind(PROXY_TARGET).await.expect("bind proxy target");
+        tokio::join!(tcp_digest_server(tcp), udp_echo_server(udp), proxy_line_server(proxy));
+    });
+
+    let v4 = pair.topo.edge_public_v4;
+    let v6 = pair.topo.edge_public_v6;
+    let client_v4 = pair.topo.client_v4;
+    let client_v6 = pair.topo.client_v6;
+    run_in(&pair.topo.client, move || async move {
+        // 8 concurrent connections, 64 MiB each way in all, half over IPv6.
+        let mut flows = Vec::new();
+        for i in 0..8u8 {
+            let ip = if i % 2 == 0 { std::net::IpAddr::V4(v4) } else { std::net::IpAddr::V6(v6) };
+            let addr = SocketAddr::new(ip, 9000);
+            flows.push(tokio::spawn(async move {
+                tcp_digest_client(addr, 8 << 20, [i; 32]).await
+            }));
+        }
+        for f in flows {
+            f.await.expect("flow task").expect("TCP flow arrived intact both ways");
+        }
+
+        // UDP: datagrams of 1 to 1400 bytes from several client ports at once.
+        let mut senders = Vec::new();
+        for k in 0..4usize {
+            let dest = SocketAddr::new(if k == 3 { v6.into() } else { v4.into() }, 9001);
+            senders.push(tokio::spawn(async move { udp_round_trips(dest, k).await }));
+        }
+        for s in senders {
+            s.await.expect("udp task");
+        }
+
+        // The client address home sees is the client namespace's, both families.
+        for (edge_ip, client_ip) in [(std::net::IpAddr::from(v4), std::net::IpAddr::from(client_v4)), (v6.into(), client_v6.into())] {
+            let mut s = TcpStream::connect((edge_ip, 9002)).await.expect("connect proxy port");
+            let mut line = String::new();
+            s.read_to_string(&mut line).await.expect("read PROXY line back");
+            assert!(line.starts_with("PROXY TCP"), "{line:?}");
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            assert_eq!(fields.get(2).and_then(|a| a.parse::<std::net::IpAddr>().ok()), Some(client_ip), "{line:?}");
+        }
+    });
+}
+
+async fn udp_round_trips(dest: SocketAddr, k: usize) {
+    let bind: SocketAddr = if dest.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+    let sock = UdpSocket::bind(bind).await.unwrap();
+    sock.connect(dest).await.unwrap();
+    let mut buf = vec![0u8; 2048];
+    let sizes: Vec<usize> = (0..60).map(|i| 1 + (i * 97 + k * 13) % 1400).chain([1, 1400]).collect();
+    for (i, len) in sizes.into_iter().enumerate() {
+        let payload: Vec<u8> = (0..len).map(|j| (j * 31 + i + k) as u8).collect();
+        // UDP may drop; retry a few times before calling it lost.
+        let mut ok = false;
+        for _ in 0..5 {
+            sock.send(&payload).await.unwrap();
+            match tokio::time::timeout(Duration::from_secs(2), sock.recv(&mut buf)).await {
+                Ok(Ok(n)) => {
+                    assert_eq!(&buf[..n], &payload[..], "datagram of {len} bytes came back changed");
+                    ok = true;
+                    break;
+                }
+                _ => continue,
+            }
+        }
+        assert!(ok, "datagram of {len} bytes to {dest} never came back");
+    }
+}
+
+#[test]
+fn invalid_and_reserved_entries_are_refused_alone() {
+    skerry_tests::init_tracing();
+    let pair = Pair::start(&[&format!("tcp/9000={TCP_TARGET}")]);
+    // A program on the edge already holds TCP 9100.
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let _squatter = spawn_in(&pair.topo.edge, move || async move {
+        let l = TcpListener::bind("0.0.0.0:9100").await.expect("squatter bind");
+        held_tx.send(()).expect("signal");
+        std::future::pending::<()>().await;
+        drop(l);
+    });
+    held_rx.recv_timeout(Duration::from_secs(10)).expect("squatter ready");
+    let answer = pair.apply(port_map(
+        2,
+        &[
+            &format!("tcp/9000={TCP_TARGET}"),
+            &format!("tcp/7443={TCP_TARGET}"),
+            &format!("udp/51820={UDP_TARGET}"),
+            &format!("tcp/9100={TCP_TARGET}"),
+            &format!("tcp/9200-9201={TCP_TARGET}"),
+        ],
+    ));
+    let status = |key: &str| {
+        answer
+            .results
+            .iter()
+            .find(|r| r.key.to_string() == key)
+            .map(|r| r.status.clone())
+            .unwrap_or_else(|| panic!("no answer for {key}: {answer:?}"))
+    };
+    assert_eq!(status("tcp/9000"), EntryStatus::Listening);
+    assert_eq!(status("tcp/7443"), EntryStatus::Reserved);
+    assert_eq!(status("udp/51820"), EntryStatus::Reserved);
+    assert_eq!(status("tcp/9100"), EntryStatus::InUse);
+    assert_eq!(status("tcp/9200-9201"), EntryStatus::Listening);
+
+    let _svc = spawn_in(&pair.topo.home, || async {
+        tcp_digest_server(TcpListener::bind(TCP_TARGET).await.expect("bind")).await;
+    });
+    let v4 = pair.topo.edge_public_v4;
+    run_in(&pair.topo.client, move || async move {
+        for port in [9000, 9200] {
+            tcp_digest_client(SocketAddr::from((v4, port)), 64 << 10, [7; 32])
+                .await
+                .unwrap_or_else(|e| panic!("port {port}: {e:#}"));
+        }
+    });
+}
