@@ -141,7 +141,7 @@ impl PortTable {
                     total += entry.ports.iter().count();
                     for port in entry.ports.iter() {
                         wanted.insert((entry.protocol, port), entry.policy.clone());
-                        claimed.insert((entry.protocol, port), key.clone());
+                        claimed.insert((entry.protocol, port), key);
                     }
                 }
                 results.push(EntryResult { key, status });

@@ -5,6 +5,7 @@
 //! new flows to the new target; flows already open keep theirs.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -241,16 +242,14 @@ pub async fn udp_flows(tunnel: Arc<UdpSocket>, fwd: Arc<Forwarding>, shutdown: C
         if stale {
             flows.remove(&header.flow_id);
         }
-        if !flows.contains_key(&header.flow_id) {
-            match open_udp_flow(&fwd, header, from, tunnel.clone(), started).await {
-                Some(f) => {
-                    flows.insert(header.flow_id, f);
+        let flow = match flows.entry(header.flow_id) {
+            Entry::Occupied(o) => o.into_mut(),
+            Entry::Vacant(v) => {
+                match open_udp_flow(&fwd, header, from, tunnel.clone(), started).await {
+                    Some(f) => v.insert(f),
+                    None => continue,
                 }
-                None => continue,
             }
-        }
-        let Some(flow) = flows.get(&header.flow_id) else {
-            continue;
         };
         flow.last_seen.store(elapsed_ms(started), Ordering::Relaxed);
         let sent = match flow.proxy {

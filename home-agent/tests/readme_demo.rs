@@ -18,7 +18,10 @@ fn readme_demo_serves_a_request_through_the_local_edge() {
         .expect("running scripts/demo-local");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "demo-local failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        out.status.success(),
+        "demo-local failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
     assert!(
         stdout.contains("hello from home, through skerry"),
         "the page did not come through\nstdout:\n{stdout}\nstderr:\n{stderr}"

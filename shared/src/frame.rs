@@ -171,11 +171,8 @@ mod tests {
             let mut d = FrameDecoder::new();
             for c in chunks {
                 if d.feed(&c).is_err() { break; }
-                loop {
-                    match d.next_frame() {
-                        Ok(Some(f)) => prop_assert!(!f.is_empty() && f.len() <= MAX_FRAME_LEN),
-                        Ok(None) | Err(_) => break,
-                    }
+                while let Ok(Some(f)) = d.next_frame() {
+                    prop_assert!(!f.is_empty() && f.len() <= MAX_FRAME_LEN);
                 }
             }
         }

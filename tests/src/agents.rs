@@ -70,7 +70,8 @@ impl Pair {
         let topo = Topology::new();
         let state_dir = std::env::temp_dir().join(unique("skerry-pair"));
         let pki = HomePki::load_or_create(&state_dir).expect("creating the test PKI");
-        let key = WireguardKey::load_or_create(&state_dir.join("wireguard.key")).expect("WireGuard key");
+        let key =
+            WireguardKey::load_or_create(&state_dir.join("wireguard.key")).expect("WireGuard key");
 
         let mut edge_opts = edge_agent::EdgeOptions::new(Bootstrap::from_pki(
             &pki,
@@ -89,7 +90,9 @@ impl Pair {
                 panic!("edge-agent failed: {e:#}");
             }
         });
-        ready_rx.recv_timeout(SETTLE).expect("the edge did not become ready");
+        ready_rx
+            .recv_timeout(SETTLE)
+            .expect("the edge did not become ready");
 
         let map = port_map(1, specs);
         let (map_tx, map_rx) = watch::channel(map);
@@ -103,7 +106,9 @@ impl Pair {
         let token = home_stop.clone();
         let home_pki = pki.clone();
         let home = spawn_in(&topo.home, move || async move {
-            if let Err(e) = home_agent::run(home_opts, &home_pki, &key, map_rx, status_tx, token).await {
+            if let Err(e) =
+                home_agent::run(home_opts, &home_pki, &key, map_rx, status_tx, token).await
+            {
                 panic!("home-agent failed: {e:#}");
             }
         });
@@ -128,10 +133,16 @@ impl Pair {
         block_on(async move {
             let s = tokio::time::timeout(
                 SETTLE,
-                rx.wait_for(|s| s.applied.as_ref().is_some_and(|a| a.generation >= generation)),
+                rx.wait_for(|s| {
+                    s.applied
+                        .as_ref()
+                        .is_some_and(|a| a.generation >= generation)
+                }),
             )
             .await
-            .unwrap_or_else(|_| panic!("the edge did not answer generation {generation} within {SETTLE:?}"))
+            .unwrap_or_else(|_| {
+                panic!("the edge did not answer generation {generation} within {SETTLE:?}")
+            })
             .expect("home-agent stopped");
             s.applied.clone().expect("checked above")
         })

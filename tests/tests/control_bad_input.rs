@@ -1,6 +1,12 @@
 //! Hostile control clients from the internet side: each is refused, and the
 //! real home-agent's session and flows carry on undisturbed.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation
+)]
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +23,8 @@ const TCP_TARGET: &str = "127.0.0.1:8000";
 
 fn endpoint_with(config: rustls::ClientConfig) -> quinn::Endpoint {
     let mut ep = quinn::Endpoint::client("0.0.0.0:0".parse().unwrap()).expect("client endpoint");
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(config)).expect("quic config");
+    let quic =
+        quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(config)).expect("quic config");
     ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
     ep
 }
@@ -60,7 +67,11 @@ fn hostile_control_clients_are_refused_and_the_real_session_carries_on() {
 
     run_in(&pair.topo.client, move || async move {
         // A real flow runs through all the attacks.
-        let flow = tokio::spawn(tcp_digest_client(SocketAddr::from((v4, 9000)), 32 << 20, [3; 32]));
+        let flow = tokio::spawn(tcp_digest_client(
+            SocketAddr::from((v4, 9000)),
+            32 << 20,
+            [3; 32],
+        ));
 
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ca.clone()).expect("root");
@@ -75,7 +86,10 @@ fn hostile_control_clients_are_refused_and_the_real_session_carries_on() {
         let mut no_cert = builder().with_no_client_auth();
         no_cert.alpn_protocols = vec![CONTROL_ALPN.to_vec()];
         let r = attempt(&endpoint_with(no_cert), control, b"hello").await;
-        assert!(r.is_err(), "a client without a certificate was served: {r:?}");
+        assert!(
+            r.is_err(),
+            "a client without a certificate was served: {r:?}"
+        );
 
         // 2. A certificate from another CA.
         let mut foreign = builder()
@@ -83,7 +97,10 @@ fn hostile_control_clients_are_refused_and_the_real_session_carries_on() {
             .expect("foreign cert");
         foreign.alpn_protocols = vec![CONTROL_ALPN.to_vec()];
         let r = attempt(&endpoint_with(foreign), control, b"hello").await;
-        assert!(r.is_err(), "a client with a foreign certificate was served: {r:?}");
+        assert!(
+            r.is_err(),
+            "a client with a foreign certificate was served: {r:?}"
+        );
 
         // With a valid certificate, bad frames: each closes that connection.
         let valid = || {
@@ -97,18 +114,31 @@ fn hostile_control_clients_are_refused_and_the_real_session_carries_on() {
         let mut big = vec![FRAME_VERSION];
         big.extend_from_slice(&u32::try_from(MAX_FRAME_LEN + 1).unwrap().to_be_bytes());
         let r = attempt(&valid(), control, &big).await;
-        assert!(matches!(&r, Err(e) if e.contains("closed by edge")), "oversized frame: {r:?}");
+        assert!(
+            matches!(&r, Err(e) if e.contains("closed by edge")),
+            "oversized frame: {r:?}"
+        );
         // 4. Garbage.
-        let garbage: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let garbage: Vec<u8> = (0..4096u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
         let r = attempt(&valid(), control, &garbage).await;
-        assert!(matches!(&r, Err(e) if e.contains("closed by edge")), "garbage: {r:?}");
+        assert!(
+            matches!(&r, Err(e) if e.contains("closed by edge")),
+            "garbage: {r:?}"
+        );
         // 5. A well-framed body that is not a message.
         let mut junk = vec![FRAME_VERSION, 0, 0, 0, 4];
         junk.extend_from_slice(&[0xff, 0xff, 0xff, 0xff]);
         let r = attempt(&valid(), control, &junk).await;
-        assert!(matches!(&r, Err(e) if e.contains("closed by edge")), "junk body: {r:?}");
+        assert!(
+            matches!(&r, Err(e) if e.contains("closed by edge")),
+            "junk body: {r:?}"
+        );
 
-        flow.await.expect("flow task").expect("the real flow carried on intact");
+        flow.await
+            .expect("flow task")
+            .expect("the real flow carried on intact");
         // New flows still work after the attacks.
         tcp_digest_client(SocketAddr::from((v4, 9000)), 1 << 20, [4; 32])
             .await
@@ -122,7 +152,10 @@ fn hostile_control_clients_are_refused_and_the_real_session_carries_on() {
 
 #[test]
 fn stream_ending_inside_a_frame_is_an_error() {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let (mut a, b) = tokio::io::duplex(64);
         tokio::io::AsyncWriteExt::write_all(&mut a, &[FRAME_VERSION, 0, 0, 0, 10, 1, 2])

@@ -2,6 +2,12 @@
 //! 127.0.0.1 in the home namespace, through a real edge-agent, a real
 //! WireGuard tunnel and a real home-agent.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation
+)]
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -18,7 +24,9 @@ const PROXY_TARGET: &str = "127.0.0.1:8002";
 /// A service that reads a PROXY v1 line and answers with it.
 async fn proxy_line_server(listener: TcpListener) {
     loop {
-        let Ok((s, _)) = listener.accept().await else { return };
+        let Ok((s, _)) = listener.accept().await else {
+            return;
+        };
         tokio::spawn(async move {
             let mut r = BufReader::new(s);
             let mut line = String::new();
@@ -39,14 +47,25 @@ fn tcp_and_udp_cross_the_tunnel_intact() {
     ]);
     let applied = pair.wait_applied(1);
     assert!(
-        applied.results.iter().all(|r| r.status == EntryStatus::Listening),
+        applied
+            .results
+            .iter()
+            .all(|r| r.status == EntryStatus::Listening),
         "{applied:?}"
     );
     let _services = spawn_in(&pair.topo.home, || async {
-        let tcp = TcpListener::bind(TCP_TARGET).await.expect("bind tcp target");
+        let tcp = TcpListener::bind(TCP_TARGET)
+            .await
+            .expect("bind tcp target");
         let udp = UdpSocket::bind(UDP_TARGET).await.expect("bind udp target");
-        let proxy = TcpListener::bind(PROXY_TARGET).await.expect("bind proxy target");
-        tokio::join!(tcp_digest_server(tcp), udp_echo_server(udp), proxy_line_server(proxy));
+        let proxy = TcpListener::bind(PROXY_TARGET)
+            .await
+            .expect("bind proxy target");
+        tokio::join!(
+            tcp_digest_server(tcp),
+            udp_echo_server(udp),
+            proxy_line_server(proxy)
+        );
     });
 
     let v4 = pair.topo.edge_public_v4;
@@ -57,14 +76,20 @@ fn tcp_and_udp_cross_the_tunnel_intact() {
         // 8 concurrent connections, 64 MiB each way in all, half over IPv6.
         let mut flows = Vec::new();
         for i in 0..8u8 {
-            let ip = if i % 2 == 0 { std::net::IpAddr::V4(v4) } else { std::net::IpAddr::V6(v6) };
+            let ip = if i % 2 == 0 {
+                std::net::IpAddr::V4(v4)
+            } else {
+                std::net::IpAddr::V6(v6)
+            };
             let addr = SocketAddr::new(ip, 9000);
             flows.push(tokio::spawn(async move {
                 tcp_digest_client(addr, 8 << 20, [i; 32]).await
             }));
         }
         for f in flows {
-            f.await.expect("flow task").expect("TCP flow arrived intact both ways");
+            f.await
+                .expect("flow task")
+                .expect("TCP flow arrived intact both ways");
         }
 
         // UDP: datagrams of 1 to 1400 bytes from several client ports at once.
@@ -78,23 +103,46 @@ fn tcp_and_udp_cross_the_tunnel_intact() {
         }
 
         // The client address home sees is the client namespace's, both families.
-        for (edge_ip, client_ip) in [(std::net::IpAddr::from(v4), std::net::IpAddr::from(client_v4)), (v6.into(), client_v6.into())] {
-            let mut s = TcpStream::connect((edge_ip, 9002)).await.expect("connect proxy port");
+        for (edge_ip, client_ip) in [
+            (
+                std::net::IpAddr::from(v4),
+                std::net::IpAddr::from(client_v4),
+            ),
+            (v6.into(), client_v6.into()),
+        ] {
+            let mut s = TcpStream::connect((edge_ip, 9002))
+                .await
+                .expect("connect proxy port");
             let mut line = String::new();
-            s.read_to_string(&mut line).await.expect("read PROXY line back");
+            s.read_to_string(&mut line)
+                .await
+                .expect("read PROXY line back");
             assert!(line.starts_with("PROXY TCP"), "{line:?}");
             let fields: Vec<&str> = line.split_whitespace().collect();
-            assert_eq!(fields.get(2).and_then(|a| a.parse::<std::net::IpAddr>().ok()), Some(client_ip), "{line:?}");
+            assert_eq!(
+                fields
+                    .get(2)
+                    .and_then(|a| a.parse::<std::net::IpAddr>().ok()),
+                Some(client_ip),
+                "{line:?}"
+            );
         }
     });
 }
 
 async fn udp_round_trips(dest: SocketAddr, k: usize) {
-    let bind: SocketAddr = if dest.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+    let bind: SocketAddr = if dest.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
     let sock = UdpSocket::bind(bind).await.unwrap();
     sock.connect(dest).await.unwrap();
     let mut buf = vec![0u8; 2048];
-    let sizes: Vec<usize> = (0..60).map(|i| 1 + (i * 97 + k * 13) % 1400).chain([1, 1400]).collect();
+    let sizes: Vec<usize> = (0..60)
+        .map(|i| 1 + (i * 97 + k * 13) % 1400)
+        .chain([1, 1400])
+        .collect();
     for (i, len) in sizes.into_iter().enumerate() {
         let payload: Vec<u8> = (0..len).map(|j| (j * 31 + i + k) as u8).collect();
         // UDP may drop; retry a few times before calling it lost.
@@ -103,7 +151,11 @@ async fn udp_round_trips(dest: SocketAddr, k: usize) {
             sock.send(&payload).await.unwrap();
             match tokio::time::timeout(Duration::from_secs(2), sock.recv(&mut buf)).await {
                 Ok(Ok(n)) => {
-                    assert_eq!(&buf[..n], &payload[..], "datagram of {len} bytes came back changed");
+                    assert_eq!(
+                        &buf[..n],
+                        &payload[..],
+                        "datagram of {len} bytes came back changed"
+                    );
                     ok = true;
                     break;
                 }
@@ -121,12 +173,16 @@ fn invalid_and_reserved_entries_are_refused_alone() {
     // A program on the edge already holds TCP 9100.
     let (held_tx, held_rx) = std::sync::mpsc::channel();
     let _squatter = spawn_in(&pair.topo.edge, move || async move {
-        let l = TcpListener::bind("0.0.0.0:9100").await.expect("squatter bind");
+        let l = TcpListener::bind("0.0.0.0:9100")
+            .await
+            .expect("squatter bind");
         held_tx.send(()).expect("signal");
         std::future::pending::<()>().await;
         drop(l);
     });
-    held_rx.recv_timeout(Duration::from_secs(10)).expect("squatter ready");
+    held_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("squatter ready");
     let answer = pair.apply(port_map(
         2,
         &[

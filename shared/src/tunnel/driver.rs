@@ -190,11 +190,11 @@ impl Driver {
                     None => break,
                 },
                 r = self.udp.recv_from(&mut udp_buf) => match r {
-                    Ok((n, from)) => self.from_network(&udp_buf[..n], from, &mut out).await,
+                    Ok((n, from)) => self.on_datagram(&udp_buf[..n], from, &mut out).await,
                     Err(e) => warn!(error = %e, "tunnel socket receive failed"),
                 },
                 r = self.tun.recv(&mut tun_buf) => match r {
-                    Ok(n) => self.from_tun(&tun_buf[..n], &mut out).await,
+                    Ok(n) => self.on_tun_packet(&tun_buf[..n], &mut out).await,
                     Err(e) => {
                         warn!(error = %e, "TUN read failed; stopping the tunnel");
                         break;
@@ -202,7 +202,7 @@ impl Driver {
                 },
                 _ = tick.tick() => {
                     ticks = ticks.wrapping_add(1);
-                    if ticks % 4 == 0 {
+                    if ticks.is_multiple_of(4) {
                         self.limiter.reset_count();
                     }
                     self.on_timer(&mut out).await;
@@ -248,7 +248,7 @@ impl Driver {
         }
     }
 
-    async fn from_tun(&mut self, packet: &[u8], out: &mut [u8]) {
+    async fn on_tun_packet(&mut self, packet: &[u8], out: &mut [u8]) {
         let Some(tunn) = self.tunn.as_mut() else {
             trace!("no tunnel peer yet; dropping outbound packet");
             return;
@@ -262,7 +262,7 @@ impl Driver {
         }
     }
 
-    async fn from_network(&mut self, datagram: &[u8], from: SocketAddr, out: &mut [u8]) {
+    async fn on_datagram(&mut self, datagram: &[u8], from: SocketAddr, out: &mut [u8]) {
         let Some(tunn) = self.tunn.as_mut() else {
             trace!(%from, "no tunnel peer yet; dropping datagram");
             return;
