@@ -43,18 +43,35 @@ impl ControlState {
 }
 
 /// Binds the control endpoint on every address (dual-stack).
-pub fn endpoint(port: u16, config: quinn::ServerConfig) -> std::io::Result<quinn::Endpoint> {
+///
+/// The stateless-reset key is derived from the edge's own secret, so a
+/// restarted edge can tell a home-agent at once that its old connection is
+/// gone (instead of the home waiting out the idle timeout), and no one
+/// without that secret can forge such a reset.
+pub fn endpoint(
+    port: u16,
+    config: quinn::ServerConfig,
+    secret: &[u8],
+) -> std::io::Result<quinn::Endpoint> {
+    let derive = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    let reset_key = ring::hmac::sign(&derive, b"skerry quic stateless reset v1");
+    let cid_key = ring::hmac::sign(&derive, b"skerry quic connection ids v1");
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_key.as_ref());
+    // Connection ids a restarted edge still recognises as its own, so that
+    // it answers them with the reset rather than dropping them.
+    let mut cid_seed = [0u8; 8];
+    cid_seed.copy_from_slice(&cid_key.as_ref()[..8]);
+    let cid_seed = u64::from_le_bytes(cid_seed);
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    endpoint_config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_seed))
+    });
     let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::DGRAM, None)?;
     socket.set_only_v6(false)?;
     socket.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
     let runtime = quinn::default_runtime()
         .ok_or_else(|| std::io::Error::other("no async runtime for the control endpoint"))?;
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        Some(config),
-        socket.into(),
-        runtime,
-    )
+    quinn::Endpoint::new(endpoint_config, Some(config), socket.into(), runtime)
 }
 
 /// Accepts control connections until `shutdown`.

@@ -12,10 +12,12 @@
 //! | [`relay`] | moving public TCP and UDP flows into the tunnel |
 //! | [`udp_flows`] | the UDP flow table (no I/O) |
 //! | [`addresses`] | discovering the edge's public addresses |
+//! | [`metadata`] | reading the bootstrap from the droplet metadata service |
 #![forbid(unsafe_code)]
 
 pub mod addresses;
 pub mod control;
+pub mod metadata;
 pub mod ports;
 pub mod relay;
 pub mod udp_flows;
@@ -50,7 +52,6 @@ pub struct EdgeOptions {
     pub bootstrap: Bootstrap,
     pub tun_name: String,
     pub udp_idle: Duration,
-    pub drain_grace: Duration,
     /// Told once the control endpoint is bound (the local edge waits on it).
     pub ready: Option<std::sync::mpsc::SyncSender<()>>,
 }
@@ -61,7 +62,6 @@ impl EdgeOptions {
             bootstrap,
             tun_name: DEFAULT_TUN_NAME.to_owned(),
             udp_idle: Duration::from_secs(60),
-            drain_grace: Duration::from_secs(30),
             ready: None,
         }
     }
@@ -110,7 +110,6 @@ pub async fn run(opts: EdgeOptions, shutdown: CancellationToken) -> anyhow::Resu
         SocketAddr::from((tunnel.home(), UDP_FLOW_PORT)),
         Arc::new(flow_socket),
         opts.udp_idle,
-        opts.drain_grace,
     ));
     let reserved = Reserved {
         control_port: boot.control_port,
@@ -122,8 +121,12 @@ pub async fn run(opts: EdgeOptions, shutdown: CancellationToken) -> anyhow::Resu
     let public_addrs = addresses::public_addrs(&opts.tun_name)
         .await
         .context("listing the edge's addresses")?;
-    let endpoint = control::endpoint(boot.control_port, tls)
-        .with_context(|| format!("binding the control port UDP {}", boot.control_port))?;
+    let endpoint = control::endpoint(
+        boot.control_port,
+        tls,
+        boot.edge_key_pem.expose().as_bytes(),
+    )
+    .with_context(|| format!("binding the control port UDP {}", boot.control_port))?;
     info!(
         control_port = boot.control_port,
         wireguard_port = boot.wireguard_port,

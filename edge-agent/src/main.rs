@@ -25,17 +25,20 @@ enum Command {
     /// Serve: control channel, tunnel and public ports.
     Run {
         /// The bootstrap file written by `home-agent edge-bootstrap`.
+        /// Without it, the bootstrap is read from the droplet metadata
+        /// service (the droplet's user data).
         #[arg(long)]
-        bootstrap: PathBuf,
+        bootstrap: Option<PathBuf>,
+        /// Base URL of the metadata service read when there is no
+        /// --bootstrap.
+        #[arg(long, default_value = edge_agent::metadata::DEFAULT_METADATA_URL)]
+        metadata_url: edge_agent::metadata::MetadataUrl,
         /// Name of the TUN device.
         #[arg(long, default_value = edge_agent::DEFAULT_TUN_NAME)]
         tun_name: String,
         /// Idle time after which a UDP flow is forgotten.
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         udp_idle: Duration,
-        /// How long flows on a removed port may go on.
-        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-        drain_grace: Duration,
     },
 }
 
@@ -59,16 +62,17 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let Command::Run {
         bootstrap,
+        metadata_url,
         tun_name,
         udp_idle,
-        drain_grace,
     } = cli.command;
-    let bootstrap = Bootstrap::read_from(&bootstrap)
-        .with_context(|| format!("reading the bootstrap file {}", bootstrap.display()))?;
-    let mut opts = edge_agent::EdgeOptions::new(bootstrap);
-    opts.tun_name = tun_name;
-    opts.udp_idle = udp_idle;
-    opts.drain_grace = drain_grace;
+    let from_file = match &bootstrap {
+        Some(path) => Some(
+            Bootstrap::read_from(path)
+                .with_context(|| format!("reading the bootstrap file {}", path.display()))?,
+        ),
+        None => None,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -76,6 +80,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
         tokio::spawn(stop_on_signal(shutdown.clone()));
+        let bootstrap = match from_file {
+            Some(b) => b,
+            None => {
+                tracing::info!(url = %metadata_url, "no --bootstrap: reading it from the droplet metadata service");
+                match edge_agent::metadata::fetch_bootstrap(&metadata_url, &shutdown).await? {
+                    Some(b) => b,
+                    None => return Ok(()),
+                }
+            }
+        };
+        let mut opts = edge_agent::EdgeOptions::new(bootstrap);
+        opts.tun_name = tun_name;
+        opts.udp_idle = udp_idle;
         edge_agent::run(opts, shutdown).await
     })
 }

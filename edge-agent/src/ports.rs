@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use skerry::portmap::{PortKey, PortPolicy, Protocol, PublicPort};
 use skerry::protocol::{ApplyPorts, EntryResult, EntryStatus};
@@ -157,9 +158,10 @@ impl PortTable {
             .filter(|k| !wanted.contains_key(k))
             .copied()
             .collect();
+        let grace = Duration::from_secs(u64::from(map.drain_grace_secs));
         for k in removed {
             if let Some(p) = self.open.remove(&k) {
-                self.close(p);
+                self.close(p, grace);
             }
         }
         self.generation = map.generation;
@@ -268,12 +270,11 @@ impl PortTable {
         Ok(OpenPort { shared, stop })
     }
 
-    fn close(&self, p: OpenPort) {
+    fn close(&self, p: OpenPort, grace: Duration) {
         p.stop.cancel();
         if p.shared.protocol == Protocol::Udp {
             self.ctx.remove_udp_socket(p.shared.port);
         }
-        let grace = self.ctx.drain_grace;
         let shared = p.shared;
         info!(protocol = %shared.protocol, port = shared.port, "port closed; open flows drain");
         tokio::spawn(async move {

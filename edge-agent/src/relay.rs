@@ -36,7 +36,6 @@ pub struct RelayContext {
     /// The edge's UDP socket on its tunnel address.
     pub tunnel_udp: Arc<UdpSocket>,
     pub udp_idle: Duration,
-    pub drain_grace: Duration,
     udp_flows: Mutex<FlowTable>,
     /// Public UDP sockets by port, and whether each is an IPv6 (dual-stack) socket.
     udp_sockets: RwLock<HashMap<u16, (Arc<UdpSocket>, bool)>>,
@@ -48,14 +47,12 @@ impl RelayContext {
         home_udp: SocketAddr,
         tunnel_udp: Arc<UdpSocket>,
         udp_idle: Duration,
-        drain_grace: Duration,
     ) -> Self {
         RelayContext {
             home_tcp,
             home_udp,
             tunnel_udp,
             udp_idle,
-            drain_grace,
             udp_flows: Mutex::new(FlowTable::new()),
             udp_sockets: RwLock::new(HashMap::new()),
         }

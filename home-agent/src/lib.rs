@@ -11,11 +11,17 @@
 //! | [`proxy_protocol`] | PROXY protocol v1/v2 headers toward targets that ask |
 //! | [`local_edge`] | `--edge local`: a real edge in a private network namespace |
 //! | [`backoff`] | reconnect delays (no I/O) |
+//! | [`provision`] | `--edge droplet`: the DigitalOcean API client and the droplet's life cycle |
+//! | [`admin`] | the local admin socket and the controller that changes the map live |
+//! | [`config`] | the port map as a file the running agent follows |
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod backoff;
+pub mod config;
 pub mod forward;
 pub mod local_edge;
+pub mod provision;
 pub mod proxy_protocol;
 pub mod session;
 

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use home_agent::local_edge::LocalEdge;
-use home_agent::{HomeOptions, HomeState, HomeStatus};
+use std::sync::Arc;
+
+use home_agent::{HomeOptions, HomeState, HomeStatus, admin};
 use skerry::bootstrap::{Bootstrap, DEFAULT_CONTROL_PORT, DEFAULT_WIREGUARD_PORT};
 use skerry::paths::{self, EdgeName};
 use skerry::pki::HomePki;
@@ -45,6 +47,45 @@ enum Command {
         /// Idle time after which a UDP flow is forgotten.
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         udp_idle: Duration,
+        /// How long flows on a removed port may go on before they are closed.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        drain_grace: Duration,
+        /// A TOML file with the port map, followed live (default:
+        /// $XDG_CONFIG_HOME/skerry/<name>.toml when it exists).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        droplet: home_agent::provision::DropletArgs,
+    },
+    /// Destroy the edge's droplet and what skerry made for it (the state
+    /// dir's CA stays; a reserved IP is only unassigned).
+    Destroy {
+        #[arg(long, default_value = "default")]
+        name: EdgeName,
+        #[command(flatten)]
+        api: home_agent::provision::ApiArgs,
+    },
+    /// List your skerry edges on DigitalOcean.
+    List {
+        #[command(flatten)]
+        api: home_agent::provision::ApiArgs,
+    },
+    /// List, add or remove ports of a running agent, live.
+    Ports {
+        #[command(subcommand)]
+        op: PortsOp,
+        #[arg(long, default_value = "default", global = true)]
+        name: EdgeName,
+        /// Print the answer as JSON.
+        #[arg(long, global = true)]
+        json: bool,
+    },
+    /// Show a running agent: edge, tunnel, ports and their flows.
+    Status {
+        #[arg(long, default_value = "default")]
+        name: EdgeName,
+        #[arg(long)]
+        json: bool,
     },
     /// Write the one file an edge-agent you run yourself needs.
     EdgeBootstrap {
@@ -64,6 +105,22 @@ enum Command {
         tunnel_home: std::net::Ipv4Addr,
         #[arg(long, default_value_t = TunnelAddrs::DEFAULT.prefix_len())]
         tunnel_prefix: u8,
+    },
+}
+
+#[derive(Subcommand)]
+enum PortsOp {
+    /// The running map and the edge's answer for each entry.
+    List,
+    /// Add entries, or retarget an existing public port.
+    Add {
+        #[arg(value_name = "SPEC", required = true)]
+        specs: Vec<String>,
+    },
+    /// Remove entries by public port (`tcp/25565`, `udp/30000-30009`).
+    Rm {
+        #[arg(value_name = "PROTO/PORT", required = true)]
+        keys: Vec<String>,
     },
 }
 
@@ -117,7 +174,48 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             name,
             ports,
             udp_idle,
-        } => connect(&edge, name, &ports, udp_idle),
+            drain_grace,
+            config,
+            droplet,
+        } => connect(
+            &edge,
+            name,
+            &ports,
+            Tuning {
+                udp_idle,
+                drain_grace,
+                config,
+                droplet,
+            },
+        ),
+        Command::Destroy { name, api } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            println!(
+                "{}",
+                runtime.block_on(home_agent::provision::destroy(&api, &name))?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::List { api } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            println!("{}", runtime.block_on(home_agent::provision::list(&api))?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ports { op, name, json } => {
+            let req = match op {
+                PortsOp::List => admin::Request::List,
+                PortsOp::Add { specs } => admin::Request::Add { specs },
+                PortsOp::Rm { keys } => admin::Request::Remove { keys },
+            };
+            admin_command(&name, &req, json)
+        }
+        Command::Status { name, json } => admin_command(&name, &admin::Request::Status, json),
     }
 }
 
@@ -125,12 +223,32 @@ fn connect(
     edge: &str,
     name: EdgeName,
     specs: &[String],
-    udp_idle: Duration,
+    tuning: Tuning,
 ) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
-    let (map, mut refused) = parse_ports(specs);
+    let (cli_map, mut refused) = parse_ports(specs);
+    let config_file = match tuning.config {
+        Some(p) => Some(p),
+        None => Some(paths::config_dir()?.join(format!("{name}.toml"))).filter(|p| p.exists()),
+    };
+    let map = match &config_file {
+        None => cli_map.clone(),
+        Some(path) => {
+            let mut file_specs = home_agent::config::read(path).with_context(|| {
+                "the config file is refused; fix it and start again".to_string()
+            })?;
+            println!("port map from {}", path.display());
+            file_specs.extend(cli_map.specs().iter().cloned());
+            let (map, errors) = PortMap::from_specs(1, file_specs);
+            if let Some((i, e)) = errors.first() {
+                bail!("{}: entry {}: {e}", path.display(), i + 1);
+            }
+            map
+        }
+    };
     let dir = paths::state_dir(&name)?;
     let state = HomeState::open(&dir)?;
+    let socket = paths::runtime_socket(&name)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -145,27 +263,64 @@ fn connect(
             );
             Some(e)
         }
-        "droplet" => bail!(
-            "--edge droplet is not available in this release yet; use --edge local to try skerry on this host, \
-             or run edge-agent on a server of yours and use --edge HOST (see `home-agent edge-bootstrap`)"
-        ),
         _ => None,
     };
     let edge_addr = match &local {
         Some(l) => l.control,
+        None if edge == "droplet" => {
+            // Ctrl-C while provisioning: bring_up destroys what it made.
+            let cancel = CancellationToken::new();
+            let provisioned = runtime.block_on(async {
+                tokio::spawn(stop_on_signal(cancel.clone()));
+                home_agent::provision::connect(
+                    &tuning.droplet,
+                    &name,
+                    &dir,
+                    &state.pki,
+                    &|phase| home_agent::provision::print_phase(started, &phase),
+                    &cancel,
+                )
+                .await
+            })?;
+            println!("edge: {provisioned}");
+            provisioned.control
+        }
         None => runtime.block_on(resolve(edge))?,
     };
 
     let opts = HomeOptions {
         edge: edge_addr,
         tun_name: home_agent::tun_name(&name),
-        udp_idle,
+        udp_idle: tuning.udp_idle,
+        drain_grace: tuning.drain_grace,
     };
     let result = runtime.block_on(async {
         let shutdown = CancellationToken::new();
         tokio::spawn(stop_on_signal(shutdown.clone()));
-        let (_map_tx, map_rx) = watch::channel(map.clone());
+        let (map_tx, map_rx) = watch::channel(map.clone());
         let (status_tx, status_rx) = watch::channel(HomeStatus::default());
+        let controller = Arc::new(admin::Controller::new(
+            name.to_string(),
+            edge_addr,
+            map_tx,
+            status_rx.clone(),
+            config_file.clone(),
+        ));
+        let admin_task = tokio::spawn(admin::serve(socket.clone(), controller.clone(), shutdown.clone()));
+        if let Some(path) = config_file.clone() {
+            let follower = home_agent::config::follow(
+                path,
+                cli_map.specs().to_vec(),
+                controller.clone(),
+                status_tx.clone(),
+                shutdown.clone(),
+            );
+            tokio::spawn(async move {
+                if let Err(e) = follower.await {
+                    eprintln!("home-agent: cannot follow the config file: {e:#}");
+                }
+            });
+        }
         let agent = tokio::spawn({
             let shutdown = shutdown.clone();
             async move {
@@ -181,8 +336,11 @@ fn connect(
             }
             () = shutdown.cancelled() => {}
         }
-        println!("serving; Ctrl-C to stop");
+        println!("serving; Ctrl-C to stop; change ports live with `home-agent ports add|rm --name {name}`");
         shutdown.cancelled().await;
+        if let Ok(Err(e)) = admin_task.await {
+            eprintln!("home-agent: admin socket {}: {e}", socket.display());
+        }
         match agent.await {
             Ok(r) => r,
             Err(e) => Err(anyhow::anyhow!("home-agent task failed: {e}")),
@@ -198,6 +356,109 @@ fn connect(
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Settings of `connect` beyond the edge and the ports.
+struct Tuning {
+    udp_idle: Duration,
+    drain_grace: Duration,
+    config: Option<PathBuf>,
+    droplet: home_agent::provision::DropletArgs,
+}
+
+/// Sends one request to the running agent and prints its answer; the exit
+/// code says whether every entry went through.
+fn admin_command(name: &EdgeName, req: &admin::Request, json: bool) -> anyhow::Result<ExitCode> {
+    let socket = paths::runtime_socket(name)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let response = runtime.block_on(admin::request(&socket, req))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&response)?);
+    }
+    let ok = match &response {
+        admin::Response::Changed(c) => c.all_ok(),
+        admin::Response::Error { .. } => false,
+        _ => true,
+    };
+    if !json {
+        print_response(&response);
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_PORTS_REFUSED)
+    })
+}
+
+fn print_response(response: &admin::Response) {
+    let print_ports = |ports: &[admin::PortReport]| {
+        if ports.is_empty() {
+            println!("  (no ports)");
+        }
+        for p in ports {
+            let mark = if p.ok { "✓" } else { "✗" };
+            println!(
+                "  {mark} {:<58} {:<12} {} open",
+                p.spec, p.state, p.open_flows
+            );
+        }
+    };
+    match response {
+        admin::Response::Status(s) => {
+            println!(
+                "edge {} ({}): {}",
+                s.name,
+                s.edge,
+                if s.connected {
+                    "connected"
+                } else {
+                    "not connected"
+                }
+            );
+            println!("  public address: {}", s.public_addrs.join(", "));
+            match s.last_handshake_secs {
+                Some(age) if s.tunnel_up => println!("  tunnel: up, last handshake {age:.0} s ago"),
+                _ => println!("  tunnel: down"),
+            }
+            println!(
+                "  traffic: {} sent, {} received (tunnel bytes)",
+                s.tx_bytes, s.rx_bytes
+            );
+            if let Some(f) = &s.config_file {
+                println!("  config file: {f}");
+            }
+            if let Some(e) = &s.config_error {
+                println!("  config file refused: {e}");
+            }
+            if let Some(e) = &s.last_error {
+                println!("  last error: {e}");
+            }
+            println!("  ports (generation {}):", s.generation);
+            print_ports(&s.ports);
+        }
+        admin::Response::Ports { ports } => print_ports(ports),
+        admin::Response::Changed(c) => {
+            for e in &c.entries {
+                let mark = if e.ok { "✓" } else { "✗" };
+                println!(
+                    "  {mark} {}: {}",
+                    e.input,
+                    if e.message.is_empty() {
+                        "ok"
+                    } else {
+                        &e.message
+                    }
+                );
+            }
+            if let Some(n) = &c.note {
+                println!("note: {n}");
+            }
+        }
+        admin::Response::Error { message } => eprintln!("home-agent: {message}"),
+    }
 }
 
 /// Parses every spec, refusing each bad one alone.

@@ -42,6 +42,10 @@ pub struct HomeStatus {
     pub sessions: u64,
     /// The tunnel, once the first session brought it up.
     pub tunnel_handle: Option<TunnelHandle>,
+    /// The forwarders, once up: open flows per port.
+    pub forwarding: Option<Arc<Forwarding>>,
+    /// Why the last edit of the config file was refused, if it was.
+    pub config_error: Option<String>,
 }
 
 /// Everything one `connect` runs from.
@@ -51,6 +55,12 @@ pub struct HomeOptions {
     pub edge: SocketAddr,
     pub tun_name: String,
     pub udp_idle: Duration,
+    /// How long flows on a removed port may go on.
+    pub drain_grace: Duration,
+}
+
+fn grace_secs(opts: &HomeOptions) -> u32 {
+    u32::try_from(opts.drain_grace.as_secs()).unwrap_or(u32::MAX)
 }
 
 struct DataPlane {
@@ -172,14 +182,17 @@ async fn session(
         s.tunnel = welcome.tunnel;
         s.sessions += 1;
         s.last_error = None;
+        // Answers of an earlier session say nothing about this edge.
+        s.applied = None;
         s.tunnel_handle = plane.as_ref().map(|p| p.tunnel.clone());
+        s.forwarding = Some(fwd.clone());
     });
 
     let current = map.borrow_and_update().clone();
     fwd.set_map(current.clone());
     write_message(
         &mut send,
-        &session.apply(current.generation(), current.public())?,
+        &session.apply(current.generation(), current.public(), grace_secs(opts))?,
     )
     .await?;
     let mut ping = tokio::time::interval(PING_INTERVAL);
@@ -198,7 +211,7 @@ async fn session(
                 }
                 let next = map.borrow_and_update().clone();
                 fwd.set_map(next.clone());
-                write_message(&mut send, &session.apply(next.generation(), next.public())?).await?;
+                write_message(&mut send, &session.apply(next.generation(), next.public(), grace_secs(opts))?).await?;
             }
             _ = ping.tick() => {
                 pings += 1;

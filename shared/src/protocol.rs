@@ -68,6 +68,9 @@ pub struct Refusal {
 pub struct ApplyPorts {
     pub generation: u64,
     pub entries: Vec<PublicPort>,
+    /// How long flows on ports this map removes may go on before the edge
+    /// closes them.
+    pub drain_grace_secs: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -238,6 +241,7 @@ impl HomeSession {
         &self,
         generation: u64,
         entries: Vec<PublicPort>,
+        drain_grace_secs: u32,
     ) -> Result<Message, ProtocolError> {
         if self.state != HomeState::Established {
             return Err(ProtocolError::Unexpected {
@@ -248,6 +252,7 @@ impl HomeSession {
         Ok(Message::ApplyPorts(ApplyPorts {
             generation,
             entries,
+            drain_grace_secs,
         }))
     }
 
@@ -415,7 +420,7 @@ mod tests {
             ports: PortRange::new(8080, 8081).unwrap(),
             policy: PortPolicy::default(),
         };
-        let apply = home.apply(3, vec![entry.clone()]).unwrap();
+        let apply = home.apply(3, vec![entry.clone()], 30).unwrap();
         let EdgeAction::Apply(a) = edge.handle(wire(&apply)).unwrap() else {
             panic!("edge did not apply");
         };
@@ -443,6 +448,7 @@ mod tests {
             .handle(Message::ApplyPorts(ApplyPorts {
                 generation: 1,
                 entries: vec![],
+                drain_grace_secs: 30,
             }))
             .unwrap_err();
         assert!(matches!(
@@ -453,7 +459,7 @@ mod tests {
             }
         ));
         let (home, _) = HomeSession::start([0; 32]);
-        assert!(home.apply(1, vec![]).is_err());
+        assert!(home.apply(1, vec![], 30).is_err());
     }
 
     #[test]

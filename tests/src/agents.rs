@@ -4,6 +4,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use home_agent::admin::{self, Controller};
 use home_agent::{HomeOptions, HomeStatus};
 use skerry::bootstrap::{Bootstrap, DEFAULT_CONTROL_PORT, DEFAULT_WIREGUARD_PORT};
 use skerry::pki::HomePki;
@@ -24,11 +27,14 @@ pub struct Pair {
     home: Option<Background>,
     edge: Option<Background>,
     pub edge_stop: CancellationToken,
+    edge_opts: edge_agent::EdgeOptions,
     pub home_stop: CancellationToken,
     pub status: watch::Receiver<HomeStatus>,
     pub map: watch::Sender<PortMap>,
     pub pki: HomePki,
-    state_dir: PathBuf,
+    /// The home-agent's admin socket, as `home-agent ports …` uses it.
+    pub admin_socket: PathBuf,
+    pub state_dir: PathBuf,
     // Last: torn down after the agents inside it have stopped.
     pub topo: Topology,
 }
@@ -38,6 +44,8 @@ pub struct Pair {
 pub struct PairOptions {
     pub udp_idle: Duration,
     pub drain_grace: Duration,
+    /// A config file the home-agent follows, as with `connect --config`.
+    pub config: Option<PathBuf>,
 }
 
 impl Default for PairOptions {
@@ -45,6 +53,7 @@ impl Default for PairOptions {
         PairOptions {
             udp_idle: Duration::from_secs(60),
             drain_grace: Duration::from_secs(30),
+            config: None,
         }
     }
 }
@@ -80,19 +89,8 @@ impl Pair {
             TunnelAddrs::DEFAULT,
         ));
         edge_opts.udp_idle = opts.udp_idle;
-        edge_opts.drain_grace = opts.drain_grace;
-        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
-        edge_opts.ready = Some(ready_tx);
         let edge_stop = CancellationToken::new();
-        let token = edge_stop.clone();
-        let edge = spawn_in(&topo.edge, move || async move {
-            if let Err(e) = edge_agent::run(edge_opts, token).await {
-                panic!("edge-agent failed: {e:#}");
-            }
-        });
-        ready_rx
-            .recv_timeout(SETTLE)
-            .expect("the edge did not become ready");
+        let edge = start_edge(&topo, edge_opts.clone(), edge_stop.clone());
 
         let map = port_map(1, specs);
         let (map_tx, map_rx) = watch::channel(map);
@@ -101,11 +99,32 @@ impl Pair {
             edge: std::net::SocketAddr::from((topo.edge_home_side_v4, DEFAULT_CONTROL_PORT)),
             tun_name: "skerry-home".into(),
             udp_idle: opts.udp_idle,
+            drain_grace: opts.drain_grace,
         };
         let home_stop = CancellationToken::new();
         let token = home_stop.clone();
         let home_pki = pki.clone();
+        let admin_socket = state_dir.join("admin.sock");
+        let controller = Arc::new(Controller::new(
+            "test".into(),
+            home_opts.edge,
+            map_tx.clone(),
+            status.clone(),
+            opts.config.clone(),
+        ));
+        let socket = admin_socket.clone();
+        let config = opts.config.clone();
         let home = spawn_in(&topo.home, move || async move {
+            tokio::spawn(admin::serve(socket, controller.clone(), token.clone()));
+            if let Some(path) = config {
+                tokio::spawn(home_agent::config::follow(
+                    path,
+                    Vec::new(),
+                    controller,
+                    status_tx.clone(),
+                    token.clone(),
+                ));
+            }
             if let Err(e) =
                 home_agent::run(home_opts, &home_pki, &key, map_rx, status_tx, token).await
             {
@@ -116,10 +135,12 @@ impl Pair {
             home: Some(home),
             edge: Some(edge),
             edge_stop,
+            edge_opts,
             home_stop,
             status,
             map: map_tx,
             pki,
+            admin_socket,
             state_dir,
             topo,
         };
@@ -148,6 +169,64 @@ impl Pair {
         })
     }
 
+    /// Stops the edge-agent and starts a fresh one (new WireGuard key, no
+    /// listeners) in the same namespace: what a droplet reboot looks like.
+    pub fn restart_edge(&mut self) {
+        self.edge_stop.cancel();
+        drop(self.edge.take());
+        self.edge_stop = CancellationToken::new();
+        self.edge = Some(start_edge(
+            &self.topo,
+            self.edge_opts.clone(),
+            self.edge_stop.clone(),
+        ));
+    }
+
+    /// One request through the admin socket, as the CLI sends it.
+    pub fn admin(&self, req: admin::Request) -> admin::Response {
+        let path = self.admin_socket.clone();
+        block_on(async move {
+            // The socket appears once the home runtime has started.
+            let deadline = tokio::time::Instant::now() + SETTLE;
+            loop {
+                match admin::request(&path, &req).await {
+                    Ok(r) => return r,
+                    Err(e) if tokio::time::Instant::now() > deadline => {
+                        panic!("admin request: {e:#}")
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        })
+    }
+
+    /// `home-agent ports add SPEC…`: the edge's answer per entry.
+    pub fn add(&self, specs: &[&str]) -> admin::ChangeReport {
+        match self.admin(admin::Request::Add {
+            specs: specs.iter().map(ToString::to_string).collect(),
+        }) {
+            admin::Response::Changed(c) => c,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+
+    /// `home-agent ports rm KEY…`.
+    pub fn remove(&self, keys: &[&str]) -> admin::ChangeReport {
+        match self.admin(admin::Request::Remove {
+            keys: keys.iter().map(ToString::to_string).collect(),
+        }) {
+            admin::Response::Changed(c) => c,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+
+    pub fn status_report(&self) -> admin::StatusReport {
+        match self.admin(admin::Request::Status) {
+            admin::Response::Status(s) => s,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+
     /// Sends a new map and waits for the edge's answer.
     pub fn apply(&self, map: PortMap) -> PortsApplied {
         let g = map.generation();
@@ -164,6 +243,24 @@ impl Drop for Pair {
         drop(self.edge.take());
         let _ = std::fs::remove_dir_all(&self.state_dir);
     }
+}
+
+fn start_edge(
+    topo: &Topology,
+    mut opts: edge_agent::EdgeOptions,
+    stop: CancellationToken,
+) -> Background {
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+    opts.ready = Some(ready_tx);
+    let edge = spawn_in(&topo.edge, move || async move {
+        if let Err(e) = edge_agent::run(opts, stop).await {
+            panic!("edge-agent failed: {e:#}");
+        }
+    });
+    ready_rx
+        .recv_timeout(SETTLE)
+        .expect("the edge did not become ready");
+    edge
 }
 
 /// Runs a future on a fresh current-thread runtime in the calling thread's

@@ -21,6 +21,8 @@
 //! (addresses from 198.18.0.0/15 and fd00::/8).
 
 pub mod agents;
+pub mod fake_do;
+pub mod qemu;
 
 use std::future::Future;
 use std::io;

@@ -1,0 +1,460 @@
+//! The local admin socket: how `home-agent ports …` and `home-agent status`
+//! talk to a running agent.
+//!
+//! One JSON request per connection, one JSON answer, each a single line, on
+//! a unix socket only its owner can open (mode 0600 in a 0700 directory).
+//! Changes go through the [`Controller`], which is also what the config
+//! file watcher uses, so every path that changes the map answers the same
+//! way: per entry, with the edge's own answer.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use skerry::portmap::{PortKey, PortMap, PortSpec};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Mutex, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::HomeStatus;
+
+/// Longest request accepted: a few thousand specs.
+const MAX_REQUEST: u64 = 1 << 20;
+/// How long a change waits for the edge's answer.
+const APPLY_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    List,
+    Add { specs: Vec<String> },
+    Remove { keys: Vec<String> },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Response {
+    Status(StatusReport),
+    Ports { ports: Vec<PortReport> },
+    Changed(ChangeReport),
+    Error { message: String },
+}
+
+/// One port of the running map.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortReport {
+    pub key: String,
+    pub spec: String,
+    /// The edge's answer: `listening`, or why not; `pending` before it answered.
+    pub state: String,
+    pub ok: bool,
+    pub open_flows: usize,
+}
+
+/// The answer to one entry of `ports add` or `ports rm`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryReport {
+    pub input: String,
+    pub ok: bool,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeReport {
+    pub generation: u64,
+    pub entries: Vec<EntryReport>,
+    /// Something the user should know about the change as a whole.
+    pub note: Option<String>,
+}
+
+impl ChangeReport {
+    pub fn all_ok(&self) -> bool {
+        self.entries.iter().all(|e| e.ok)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub name: String,
+    pub edge: String,
+    pub connected: bool,
+    pub public_addrs: Vec<String>,
+    pub tunnel_up: bool,
+    pub last_handshake_secs: Option<f64>,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+    pub generation: u64,
+    pub ports: Vec<PortReport>,
+    pub last_error: Option<String>,
+    pub config_file: Option<String>,
+    pub config_error: Option<String>,
+}
+
+/// Changes the running port map and reports on it.
+#[derive(Debug)]
+pub struct Controller {
+    name: String,
+    edge: SocketAddr,
+    map: watch::Sender<PortMap>,
+    status: watch::Receiver<HomeStatus>,
+    /// One change at a time, so answers match the change that asked.
+    edits: Mutex<()>,
+    pub config_file: Option<PathBuf>,
+}
+
+impl Controller {
+    pub fn new(
+        name: String,
+        edge: SocketAddr,
+        map: watch::Sender<PortMap>,
+        status: watch::Receiver<HomeStatus>,
+        config_file: Option<PathBuf>,
+    ) -> Self {
+        Controller {
+            name,
+            edge,
+            map,
+            status,
+            edits: Mutex::new(()),
+            config_file,
+        }
+    }
+
+    pub fn map(&self) -> PortMap {
+        self.map.borrow().clone()
+    }
+
+    pub async fn handle(&self, req: Request) -> Response {
+        match req {
+            Request::Status => Response::Status(self.status_report()),
+            Request::List => Response::Ports {
+                ports: self.port_reports(),
+            },
+            Request::Add { specs } => Response::Changed(self.add(&specs).await),
+            Request::Remove { keys } => Response::Changed(self.remove(&keys).await),
+        }
+    }
+
+    /// Adds or retargets entries; each bad one is refused alone.
+    pub async fn add(&self, specs: &[String]) -> ChangeReport {
+        let _edit = self.edits.lock().await;
+        let mut map = self.map();
+        let mut entries = Vec::new();
+        let mut applied_keys = Vec::new();
+        for input in specs {
+            let result = input
+                .parse::<PortSpec>()
+                .and_then(|spec| map.insert(spec.clone()).map(|m| (m, spec.key())));
+            match result {
+                Ok((next, key)) => {
+                    map = next;
+                    applied_keys.push((entries.len(), key));
+                    entries.push(EntryReport {
+                        input: input.clone(),
+                        ok: true,
+                        message: String::new(),
+                    });
+                }
+                Err(e) => entries.push(EntryReport {
+                    input: input.clone(),
+                    ok: false,
+                    message: e.to_string(),
+                }),
+            }
+        }
+        self.commit(map, entries, applied_keys, "listening").await
+    }
+
+    pub async fn remove(&self, keys: &[String]) -> ChangeReport {
+        let _edit = self.edits.lock().await;
+        let mut map = self.map();
+        let mut entries = Vec::new();
+        for input in keys {
+            let result = input.parse::<PortKey>().and_then(|k| map.remove(&k));
+            match result {
+                Ok(next) => {
+                    map = next;
+                    entries.push(EntryReport {
+                        input: input.clone(),
+                        ok: true,
+                        message: "removed; open flows drain".into(),
+                    });
+                }
+                Err(e) => entries.push(EntryReport {
+                    input: input.clone(),
+                    ok: false,
+                    message: e.to_string(),
+                }),
+            }
+        }
+        self.commit(map, entries, Vec::new(), "").await
+    }
+
+    /// Replaces the whole map (the config file changed).
+    pub async fn replace(&self, specs: Vec<PortSpec>) -> Result<ChangeReport, String> {
+        let _edit = self.edits.lock().await;
+        let next_generation = self.map.borrow().generation() + 1;
+        let (map, refused) = PortMap::from_specs(next_generation, specs.clone());
+        if let Some((i, e)) = refused.first() {
+            return Err(format!("entry {}: {e}", i + 1));
+        }
+        let keys = map
+            .specs()
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (i, s.key()))
+            .collect();
+        let entries = specs
+            .iter()
+            .map(|s| EntryReport {
+                input: s.to_string(),
+                ok: true,
+                message: String::new(),
+            })
+            .collect();
+        Ok(self.commit(map, entries, keys, "listening").await)
+    }
+
+    /// Sends the map and fills in the edge's answers for `keys`.
+    async fn commit(
+        &self,
+        map: PortMap,
+        mut entries: Vec<EntryReport>,
+        keys: Vec<(usize, PortKey)>,
+        ok_message: &str,
+    ) -> ChangeReport {
+        let generation = map.generation();
+        if generation == self.map.borrow().generation() {
+            return ChangeReport {
+                generation,
+                entries,
+                note: None,
+            };
+        }
+        self.map.send_replace(map);
+        let mut note = None;
+        let mut status = self.status.clone();
+        let connected = status.borrow().connected;
+        let applied = if connected {
+            tokio::time::timeout(
+                APPLY_TIMEOUT,
+                status.wait_for(|s| {
+                    s.applied
+                        .as_ref()
+                        .is_some_and(|a| a.generation >= generation)
+                }),
+            )
+            .await
+            .ok()
+            .and_then(|r| r.ok().and_then(|s| s.applied.clone()))
+        } else {
+            None
+        };
+        match applied {
+            Some(a) => {
+                for (i, key) in keys {
+                    let answer = a.results.iter().find(|r| r.key == key);
+                    if let (Some(entry), Some(answer)) = (entries.get_mut(i), answer) {
+                        entry.ok = answer.status.is_ok();
+                        entry.message = if entry.ok {
+                            ok_message.to_owned()
+                        } else {
+                            answer.status.to_string()
+                        };
+                    }
+                }
+            }
+            None => {
+                note = Some(
+                    "the edge is not connected: the change is kept and sent when it reconnects"
+                        .into(),
+                );
+                for (i, _) in keys {
+                    if let Some(entry) = entries.get_mut(i) {
+                        entry.message = "pending".into();
+                    }
+                }
+            }
+        }
+        if self.config_file.is_some() {
+            let n = note.get_or_insert_with(String::new);
+            if !n.is_empty() {
+                n.push_str("; ");
+            }
+            n.push_str(
+                "this agent follows a config file: the next edit of that file replaces this change",
+            );
+        }
+        ChangeReport {
+            generation,
+            entries,
+            note,
+        }
+    }
+
+    pub fn port_reports(&self) -> Vec<PortReport> {
+        let map = self.map();
+        let status = self.status.borrow();
+        let flows = status
+            .forwarding
+            .as_ref()
+            .map(|f| f.open_flows())
+            .unwrap_or_default();
+        map.specs()
+            .iter()
+            .map(|spec| {
+                let key = spec.key();
+                let answer = status
+                    .applied
+                    .as_ref()
+                    .filter(|a| a.generation == map.generation())
+                    .and_then(|a| a.results.iter().find(|r| r.key == key));
+                let open_flows = key
+                    .ports
+                    .iter()
+                    .map(|p| flows.get(&(key.protocol, p)).copied().unwrap_or(0))
+                    .sum();
+                PortReport {
+                    key: key.to_string(),
+                    spec: spec.to_string(),
+                    state: answer.map_or_else(|| "pending".to_owned(), |a| a.status.to_string()),
+                    ok: answer.is_some_and(|a| a.status.is_ok()),
+                    open_flows,
+                }
+            })
+            .collect()
+    }
+
+    pub fn status_report(&self) -> StatusReport {
+        let ports = self.port_reports();
+        let s = self.status.borrow();
+        let stats = s.tunnel_handle.as_ref().map(|t| t.stats());
+        StatusReport {
+            name: self.name.clone(),
+            edge: self.edge.to_string(),
+            connected: s.connected,
+            public_addrs: s
+                .edge_public_addrs
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            tunnel_up: stats.as_ref().is_some_and(|t| t.last_handshake.is_some()),
+            last_handshake_secs: stats
+                .as_ref()
+                .and_then(|t| t.last_handshake)
+                .map(|t| t.elapsed().as_secs_f64()),
+            tx_bytes: stats.as_ref().map_or(0, |t| t.tx_bytes),
+            rx_bytes: stats.as_ref().map_or(0, |t| t.rx_bytes),
+            generation: self.map.borrow().generation(),
+            ports,
+            last_error: s.last_error.clone(),
+            config_file: self.config_file.as_ref().map(|p| p.display().to_string()),
+            config_error: s.config_error.clone(),
+        }
+    }
+}
+
+/// Serves the admin socket at `path` until `shutdown`, then removes it.
+pub async fn serve(
+    path: PathBuf,
+    controller: Arc<Controller>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    // The state lock is held, so a socket file left here is stale.
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    loop {
+        let stream = tokio::select! {
+            () = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    warn!(error = %e, "admin socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let controller = controller.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_one(stream, &controller).await {
+                debug!(error = %e, "admin request failed");
+            }
+        });
+    }
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+async fn serve_one(stream: UnixStream, controller: &Controller) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(read.take(MAX_REQUEST))
+        .read_line(&mut line)
+        .await?;
+    let response = match serde_json::from_str::<Request>(&line) {
+        Ok(req) => controller.handle(req).await,
+        Err(e) => Response::Error {
+            message: format!("malformed request: {e}"),
+        },
+    };
+    let mut out = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
+    out.push(b'\n');
+    write.write_all(&out).await?;
+    write.shutdown().await
+}
+
+/// Sends one request to the agent listening at `path`.
+pub async fn request(path: &Path, req: &Request) -> anyhow::Result<Response> {
+    use anyhow::Context;
+    let stream = UnixStream::connect(path).await.with_context(|| {
+        format!(
+            "no home-agent is running for this name (nothing at {}): start one with `home-agent connect`",
+            path.display()
+        )
+    })?;
+    let (read, mut write) = stream.into_split();
+    let mut body = serde_json::to_vec(req)?;
+    body.push(b'\n');
+    write.write_all(&body).await?;
+    write.shutdown().await?;
+    let mut line = String::new();
+    BufReader::new(read.take(64 << 20))
+        .read_line(&mut line)
+        .await?;
+    serde_json::from_str(&line).context("malformed answer from the home-agent")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_as_json() {
+        for req in [
+            Request::Status,
+            Request::List,
+            Request::Add {
+                specs: vec!["tcp/80=127.0.0.1:8080".into()],
+            },
+            Request::Remove {
+                keys: vec!["tcp/80".into()],
+            },
+        ] {
+            let text = serde_json::to_string(&req).unwrap();
+            assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), req);
+        }
+        assert!(serde_json::from_str::<Request>(r#"{"op":"add","specs":[],"x":1}"#).is_err());
+    }
+}

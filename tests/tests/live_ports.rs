@@ -1,0 +1,450 @@
+//! Live port changes on a running pair: nothing that did not change is
+//! disturbed, removed ports stop at once and drain, per-port options hold.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation
+)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use skerry_tests::agents::{Pair, PairOptions};
+use skerry_tests::{run_in, spawn_in};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const ECHO: &str = "127.0.0.1:8000";
+const HELLO_NEW: &str = "127.0.0.1:8003";
+const PROXY_V2: &str = "127.0.0.1:8004";
+
+async fn echo_server(l: TcpListener) {
+    while let Ok((mut s, _)) = l.accept().await {
+        tokio::spawn(async move {
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+    }
+}
+
+/// Says who it is and closes: tells a retargeted port's new target apart.
+async fn hello_server(l: TcpListener, word: &'static str) {
+    while let Ok((mut s, _)) = l.accept().await {
+        let _ = s.write_all(word.as_bytes()).await;
+    }
+}
+
+/// Parses a PROXY v2 header and answers with the source address in it.
+async fn proxy_v2_server(l: TcpListener) {
+    while let Ok((mut s, _)) = l.accept().await {
+        tokio::spawn(async move {
+            let mut h = [0u8; 16];
+            if s.read_exact(&mut h).await.is_err() || &h[..12] != b"\r\n\r\n\0\r\nQUIT\n" {
+                let _ = s.write_all(b"bad signature").await;
+                return;
+            }
+            let len = usize::from(u16::from_be_bytes([h[14], h[15]]));
+            let mut body = vec![0u8; len];
+            if s.read_exact(&mut body).await.is_err() {
+                return;
+            }
+            let src: IpAddr = match h[13] >> 4 {
+                1 => IpAddr::from([body[0], body[1], body[2], body[3]]),
+                2 => IpAddr::from(<[u8; 16]>::try_from(&body[..16]).unwrap()),
+                _ => {
+                    let _ = s.write_all(b"bad family").await;
+                    return;
+                }
+            };
+            let _ = s.write_all(src.to_canonical().to_string().as_bytes()).await;
+        });
+    }
+}
+
+fn services(pair: &Pair) -> skerry_tests::Background {
+    spawn_in(&pair.topo.home, || async {
+        let echo = TcpListener::bind(ECHO).await.unwrap();
+        let hello = TcpListener::bind(HELLO_NEW).await.unwrap();
+        let proxy = TcpListener::bind(PROXY_V2).await.unwrap();
+        tokio::join!(
+            echo_server(echo),
+            hello_server(hello, "new target"),
+            proxy_v2_server(proxy)
+        );
+    })
+}
+
+/// Sends `n` bytes and checks they come back; false if the connection ended.
+async fn round_trip(s: &mut TcpStream, n: usize, seed: u8) -> bool {
+    let data: Vec<u8> = (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect();
+    let (mut r, mut w) = s.split();
+    let send = w.write_all(&data);
+    let mut back = vec![0u8; n];
+    let recv = r.read_exact(&mut back);
+    let (a, b) = tokio::join!(send, recv);
+    a.is_ok() && b.is_ok() && back == data
+}
+
+#[test]
+fn a_stream_survives_add_remove_and_retarget() {
+    skerry_tests::init_tracing();
+    let pair = Pair::start(&[&format!("tcp/9000={ECHO}")]);
+    let _svc = services(&pair);
+    let v4 = pair.topo.edge_public_v4;
+
+    let (to_main, from_flow) = mpsc::channel::<()>();
+    let (to_flow, from_main) = mpsc::channel::<()>();
+    let flow = {
+        pair.topo
+            .client
+            .spawn_runtime("long-flow", move || async move {
+                let mut s = TcpStream::connect((v4, 9000)).await.expect("connect 9000");
+                assert!(round_trip(&mut s, 4 << 20, 1).await, "before the changes");
+                to_main.send(()).unwrap();
+                // Keep streaming while the main thread changes the map.
+                let mut rounds = 0u8;
+                while from_main.try_recv().is_err() {
+                    rounds = rounds.wrapping_add(1);
+                    assert!(
+                        round_trip(&mut s, 256 << 10, rounds).await,
+                        "during the changes"
+                    );
+                }
+                assert!(round_trip(&mut s, 4 << 20, 2).await, "after the changes");
+            })
+            .unwrap()
+    };
+    from_flow
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the long flow started");
+
+    let added = pair.add(&[&format!("tcp/9100={ECHO}")]);
+    assert!(added.all_ok(), "{added:?}");
+    let removed = pair.remove(&["tcp/9100"]);
+    assert!(removed.all_ok(), "{removed:?}");
+    let retargeted = pair.add(&[&format!("tcp/9000={HELLO_NEW}")]);
+    assert!(retargeted.all_ok(), "{retargeted:?}");
+    // New flows on the retargeted port reach the new target.
+    let word = run_in(&pair.topo.client, move || async move {
+        let mut s = TcpStream::connect((v4, 9000))
+            .await
+            .expect("connect after retarget");
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    });
+    assert_eq!(word, "new target");
+    to_flow.send(()).unwrap();
+    flow.join()
+        .expect("long flow thread")
+        .expect("long flow in its namespace");
+}
+
+#[test]
+fn a_removed_port_refuses_at_once_and_drains_after_the_grace_period() {
+    skerry_tests::init_tracing();
+    let grace = Duration::from_secs(2);
+    let pair = Pair::start_with(
+        &[&format!("tcp/9000={ECHO}")],
+        PairOptions {
+            drain_grace: grace,
+            ..PairOptions::default()
+        },
+    );
+    let _svc = services(&pair);
+    let v4 = pair.topo.edge_public_v4;
+    let (to_main, from_flow) = mpsc::channel::<()>();
+    let (to_flow, from_main) = mpsc::channel::<()>();
+    let held = pair
+        .topo
+        .client
+        .spawn_runtime("held-flow", move || async move {
+            let mut s = TcpStream::connect((v4, 9000)).await.expect("connect");
+            assert!(round_trip(&mut s, 1024, 1).await);
+            to_main.send(()).unwrap();
+            from_main.recv().unwrap();
+            // Within the grace period the open flow still works.
+            assert!(
+                round_trip(&mut s, 1024, 2).await,
+                "an open flow stopped inside the grace period"
+            );
+            to_main.send(()).unwrap();
+            // After it, the edge closes the flow.
+            let mut buf = [0u8; 16];
+            let closed = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await;
+            assert!(
+                matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+                "the flow outlived the grace period: {closed:?}"
+            );
+        })
+        .unwrap();
+    from_flow.recv_timeout(Duration::from_secs(30)).unwrap();
+    let removed = pair.remove(&["tcp/9000"]);
+    assert!(removed.all_ok(), "{removed:?}");
+    let refused = run_in(&pair.topo.client, move || async move {
+        TcpStream::connect((v4, 9000)).await.is_err()
+    });
+    assert!(
+        refused,
+        "a new connection was accepted after `ports rm` returned"
+    );
+    to_flow.send(()).unwrap();
+    from_flow.recv_timeout(Duration::from_secs(30)).unwrap();
+    held.join().unwrap().unwrap();
+}
+
+#[test]
+fn allow_lists_proxy_v2_and_max_conns_hold() {
+    skerry_tests::init_tracing();
+    let pair = Pair::start(&[&format!("tcp/9000={ECHO}")]);
+    let _svc = services(&pair);
+    let t = &pair.topo;
+    let (v4, v6, client_v4) = (t.edge_public_v4, t.edge_public_v6, t.client_v4);
+    let report = pair.add(&[
+        &format!("tcp/9001={ECHO},allow={client_v4}/32"),
+        &format!("tcp/9002={ECHO},allow=203.0.113.0/24,2001:db8::/32"),
+        &format!("tcp/9003={PROXY_V2},proxy=v2"),
+        &format!("tcp/9004={ECHO},max-conns=2"),
+    ]);
+    assert!(report.all_ok(), "{report:?}");
+    run_in(&pair.topo.client, move || async move {
+        // Inside the list (IPv4 client) is admitted; IPv6 from outside is not.
+        let mut s = TcpStream::connect((v4, 9001)).await.unwrap();
+        assert!(
+            round_trip(&mut s, 4096, 1).await,
+            "an allowed source was refused"
+        );
+        for addr in [
+            SocketAddr::from((v6, 9001)),
+            SocketAddr::from((v4, 9002)),
+            SocketAddr::from((v6, 9002)),
+        ] {
+            let admitted = match TcpStream::connect(addr).await {
+                Err(_) => false,
+                Ok(mut s) => round_trip(&mut s, 16, 1).await,
+            };
+            assert!(
+                !admitted,
+                "{addr}: a source outside the allow list got through"
+            );
+        }
+
+        // PROXY v2 carries the client namespace's address.
+        let mut s = TcpStream::connect((v4, 9003)).await.unwrap();
+        let mut said = String::new();
+        s.read_to_string(&mut said).await.unwrap();
+        assert_eq!(said, client_v4.to_string());
+
+        // max-conns=2: a third connection is refused while two are open.
+        let mut a = TcpStream::connect((v4, 9004)).await.unwrap();
+        let mut b = TcpStream::connect((v4, 9004)).await.unwrap();
+        assert!(round_trip(&mut a, 64, 1).await && round_trip(&mut b, 64, 2).await);
+        let third = match TcpStream::connect((v4, 9004)).await {
+            Err(_) => false,
+            Ok(mut c) => round_trip(&mut c, 16, 3).await,
+        };
+        assert!(!third, "a third connection got through max-conns=2");
+        drop(a);
+        // Once one closes, a new one is admitted.
+        let mut ok = false;
+        for _ in 0..50 {
+            if let Ok(mut c) = TcpStream::connect((v4, 9004)).await
+                && round_trip(&mut c, 16, 4).await
+            {
+                ok = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(ok, "max-conns did not free a slot when a connection closed");
+        drop(b);
+    });
+}
+
+#[test]
+fn config_file_edits_apply_and_bad_edits_change_nothing() {
+    skerry_tests::init_tracing();
+    let dir = std::env::temp_dir().join(skerry_tests::unique("skerry-config"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("edge.toml");
+    std::fs::write(&file, format!("ports = [\"tcp/9000={ECHO}\"]\n")).unwrap();
+    let pair = Pair::start_with(
+        &[&format!("tcp/9000={ECHO}")],
+        PairOptions {
+            config: Some(file.clone()),
+            ..PairOptions::default()
+        },
+    );
+    let _svc = services(&pair);
+    let v4 = pair.topo.edge_public_v4;
+
+    std::fs::write(
+        &file,
+        format!("# two ports now\nports = [\n  \"tcp/9000={ECHO}\",\n  \"tcp/9001={ECHO}\",\n]\n"),
+    )
+    .unwrap();
+    let status = wait_status(&pair, |s| {
+        s.ports.iter().any(|p| p.key == "tcp/9001" && p.ok)
+    });
+    let generation = status.generation;
+    assert!(run_in(&pair.topo.client, move || async move {
+        let mut s = TcpStream::connect((v4, 9001)).await.unwrap();
+        round_trip(&mut s, 1024, 1).await
+    }));
+
+    std::fs::write(
+        &file,
+        format!("ports = [\n  \"tcp/9000={ECHO}\",\n  \"tcp/0={ECHO}\",\n]\n"),
+    )
+    .unwrap();
+    let status = wait_status(&pair, |s| s.config_error.is_some());
+    let error = status.config_error.clone().unwrap();
+    assert!(
+        error.contains(":3:") && error.contains("port 0"),
+        "the error names the line and the reason: {error}"
+    );
+    assert_eq!(
+        status.generation, generation,
+        "a refused file changed the map"
+    );
+    assert!(
+        status.ports.iter().any(|p| p.key == "tcp/9001" && p.ok),
+        "{status:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn wait_status(
+    pair: &Pair,
+    done: impl Fn(&home_agent::admin::StatusReport) -> bool,
+) -> home_agent::admin::StatusReport {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = pair.status_report();
+        if done(&s) {
+            return s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "status never reached the expected state: {s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn losing_the_control_channel_keeps_flows_and_the_reconnect_resends_the_map() {
+    skerry_tests::init_tracing();
+    let pair = Pair::start(&[&format!("tcp/9000={ECHO}")]);
+    let _svc = services(&pair);
+    let v4 = pair.topo.edge_public_v4;
+    let (to_main, from_flow) = mpsc::channel::<()>();
+    let (to_flow, from_main) = mpsc::channel::<()>();
+    let held = pair
+        .topo
+        .client
+        .spawn_runtime("held-flow", move || async move {
+            let mut s = TcpStream::connect((v4, 9000)).await.expect("connect");
+            assert!(round_trip(&mut s, 4096, 1).await);
+            to_main.send(()).unwrap();
+            let mut n = 0u8;
+            while from_main.try_recv().is_err() {
+                n = n.wrapping_add(1);
+                assert!(
+                    round_trip(&mut s, 4096, n).await,
+                    "the data plane stopped with the control channel"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .unwrap();
+    from_flow.recv_timeout(Duration::from_secs(30)).unwrap();
+
+    // Drop every control packet at the edge: the session times out.
+    pair.topo
+        .edge
+        .exec("sh", &["-c", "nft add table inet skt && nft add chain inet skt in '{ type filter hook input priority 0; }' && nft add rule inet skt in udp dport 7443 drop"])
+        .expect("nft rule");
+    let mut status = pair.status.clone();
+    skerry_tests::agents::block_on(async {
+        tokio::time::timeout(Duration::from_secs(60), status.wait_for(|s| !s.connected))
+            .await
+            .expect("the home-agent never noticed the lost control channel")
+            .unwrap();
+    });
+    // A change made meanwhile is kept and sent on reconnect.
+    let pending = pair.add(&[&format!("tcp/9001={ECHO}")]);
+    assert!(
+        pending
+            .note
+            .as_deref()
+            .is_some_and(|n| n.contains("not connected")),
+        "{pending:?}"
+    );
+    pair.topo
+        .edge
+        .exec("nft", &["delete", "table", "inet", "skt"])
+        .expect("remove nft rule");
+    skerry_tests::agents::block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            status.wait_for(|s| s.connected && s.sessions >= 2),
+        )
+        .await
+        .expect("the home-agent did not reconnect")
+        .unwrap();
+    });
+    let status = wait_status(&pair, |s| {
+        s.ports.iter().any(|p| p.key == "tcp/9001" && p.ok)
+    });
+    assert!(status.connected);
+    assert!(run_in(&pair.topo.client, move || async move {
+        let mut s = TcpStream::connect((v4, 9001)).await.unwrap();
+        round_trip(&mut s, 1024, 9).await
+    }));
+    to_flow.send(()).unwrap();
+    held.join().unwrap().unwrap();
+}
+
+#[test]
+fn an_edge_restart_is_rebuilt_from_home() {
+    skerry_tests::init_tracing();
+    let mut pair = Pair::start(&[
+        &format!("tcp/9000={ECHO}"),
+        &format!("tcp/9001={HELLO_NEW}"),
+    ]);
+    let _svc = services(&pair);
+    let v4 = pair.topo.edge_public_v4;
+    let sessions = pair.status.borrow().sessions;
+    pair.restart_edge();
+    let mut status = pair.status.clone();
+    skerry_tests::agents::block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            status.wait_for(|s| s.connected && s.sessions > sessions),
+        )
+        .await
+        .expect("the home-agent did not reconnect to the restarted edge")
+        .unwrap();
+    });
+    let status = wait_status(&pair, |s| s.ports.iter().all(|p| p.ok));
+    assert_eq!(status.ports.len(), 2);
+    // The new edge has a new WireGuard key; the tunnel follows it.
+    let word = run_in(&pair.topo.client, move || async move {
+        let mut s = TcpStream::connect((v4, 9000))
+            .await
+            .expect("connect 9000 after restart");
+        assert!(round_trip(&mut s, 1 << 20, 5).await);
+        let mut s = TcpStream::connect((v4, 9001))
+            .await
+            .expect("connect 9001 after restart");
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    });
+    assert_eq!(word, "new target");
+}
