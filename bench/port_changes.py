@@ -120,6 +120,18 @@ def changes(agent: Agent, probe: subprocess.Popen, base_port: int, n: int, what:
     return lat, cmd
 
 
+def count_ports(j) -> int | None:
+    """Length of the first "ports" list anywhere in a status answer."""
+    if isinstance(j, dict):
+        if isinstance(j.get("ports"), list):
+            return len(j["ports"])
+        for v in j.values():
+            n = count_ports(v)
+            if n is not None:
+                return n
+    return None
+
+
 def row(label: str, xs: list[float]) -> dict:
     return {"label": label, "p50": ms(pct(xs, 50)), "p99": ms(pct(xs, 99)), "max": ms(max(xs)),
             "raw_s": [round(x, 6) for x in xs]}
@@ -187,7 +199,7 @@ def main() -> int:
             f"`ports add` with {a.entries} specs returned after **{ms(dt)}**; "
             f"all {a.entries} ports accepted {ms(t_ret - t0 + last)} after the command started "
             f"(the probe connects to them one after another, so this includes {a.entries} TCP handshakes)")
-        result["status_ports_after_apply"] = len(st.get("ports", [])) if isinstance(st, dict) else None
+        result["status_ports_after_apply"] = count_ports(st)
 
         log(f"port changes with a {a.entries}-entry map ({n} changes)")
         latk, cmdk = changes(agent, probe.popen, 20000, n, f"{a.entries}-entry map")

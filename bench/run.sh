@@ -8,6 +8,8 @@
 #   sudo bench/run.sh --port-changes-only
 #   sudo bench/run.sh --no-port-changes
 #   sudo bench/run.sh --no-install    # use what is installed, do not build
+#   sudo bench/run.sh --skerry-rev HEAD   # measure a committed revision (built
+#                                     # from `git archive` under bench/.tools)
 #
 # Everything it starts lives in network namespaces named skb-<pid>-{c,e,h}
 # and is removed on exit. Writes bench/RESULTS.md, bench/chart.svg and
@@ -23,10 +25,12 @@ if [[ $EUID -ne 0 ]]; then
   exit 2
 fi
 
-install=1 compare=1 port_changes=1 quick=()
+install=1 compare=1 port_changes=1 quick=() rev=""
 pass=()
-for a in "$@"; do
+while [[ $# -gt 0 ]]; do
+  a=$1; shift
   case "$a" in
+    --skerry-rev) rev=${1:?--skerry-rev needs a git revision}; shift ;;
     --no-install) install=0 ;;
     --port-changes-only) compare=0 ;;
     --no-port-changes) port_changes=0 ;;
@@ -66,7 +70,24 @@ if [[ $install -eq 1 ]]; then
   cargo build --quiet --release --manifest-path "$BENCH/loadgen/Cargo.toml" --target-dir "$TOOLS/target"
   mkdir -p "$TOOLS/bin"
   install -m 0755 "$TOOLS/target/release/skb-loadgen" "$TOOLS/bin/skb-loadgen"
-  cargo build --quiet --release -p edge-agent -p home-agent
+  if [[ -z $rev ]]; then
+    cargo build --quiet --release -p edge-agent -p home-agent
+  fi
+fi
+if [[ -n $rev ]]; then
+  # A committed revision, built on its own: the work tree may be mid-edit.
+  sha=$(git rev-parse --verify "$rev^{commit}")
+  src="$TOOLS/skerry-src/$sha"
+  if [[ ! -f "$src/Cargo.toml" ]]; then
+    mkdir -p "$src"
+    git archive "$sha" | tar -x -C "$src"
+  fi
+  if [[ $install -eq 1 || ! -x "$TOOLS/skerry-target/release/home-agent" ]]; then
+    echo "building skerry $rev (${sha:0:12}) in $src"
+    (cd "$src" && cargo build --quiet --release -p edge-agent -p home-agent --target-dir "$PWD/../../skerry-target")
+  fi
+  export SKB_SKERRY_BIN_DIR="$PWD/$TOOLS/skerry-target/release"
+  export SKB_SKERRY_DESC="$(git log -1 --format='%h %cs' "$sha") (--skerry-rev $rev)"
 fi
 
 if [[ $compare -eq 1 ]]; then

@@ -117,8 +117,10 @@ class Skerry(Setup):
 
     def __init__(self) -> None:
         super().__init__()
-        self.edge_bin = str(REPO_DIR / "target" / "release" / "edge-agent")
-        self.home_bin = str(REPO_DIR / "target" / "release" / "home-agent")
+        # run.sh --skerry-rev REV builds a committed revision elsewhere and says so here
+        bindir = Path(os.environ.get("SKB_SKERRY_BIN_DIR") or REPO_DIR / "target" / "release")
+        self.edge_bin = str(bindir / "edge-agent")
+        self.home_bin = str(bindir / "home-agent")
 
     def missing(self) -> str | None:
         for b in (self.edge_bin, self.home_bin):
@@ -128,7 +130,9 @@ class Skerry(Setup):
 
     def version(self) -> str:
         v = version_of([self.home_bin, "--version"])
-        desc = run(["git", "-C", str(REPO_DIR), "describe", "--always", "--dirty"], check=False).stdout.strip()
+        desc = os.environ.get("SKB_SKERRY_DESC") or run(
+            ["git", "-C", str(REPO_DIR), "describe", "--always", "--dirty"], check=False
+        ).stdout.strip() + " work tree"
         return f"{v} (git {desc})"
 
     def env(self, h: Harness) -> dict[str, str]:

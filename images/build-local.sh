@@ -79,6 +79,7 @@ ssh=0
 [[ -z $ssh_key ]] || ssh=1
 packages=systemd,systemd-sysv,udev,kmod,e2fsprogs,linux-image-cloud-amd64,initramfs-tools,grub-pc-bin
 ((ssh == 0)) || packages+=,openssh-server
+# shellcheck disable=SC2016 # the hook's $1 is expanded by mmdebstrap
 base_args=(
   --variant=minbase
   --include="$packages"

@@ -42,9 +42,6 @@ pub use ports::Reserved;
 
 /// Default name of the edge's TUN device.
 pub const DEFAULT_TUN_NAME: &str = "skerry0";
-/// UDP socket buffers of the WireGuard socket: bursts at line rate must not
-/// overflow the kernel's default of about 200 KiB.
-const WIREGUARD_SOCKET_BUFFER: usize = 4 << 20;
 
 /// Everything the edge-agent runs from.
 #[derive(Debug, Clone)]
@@ -156,7 +153,7 @@ fn bind_wireguard(port: u16) -> std::io::Result<UdpSocket> {
     let s = Socket::new(Domain::IPV6, Type::DGRAM, None)?;
     s.set_only_v6(false)?;
     s.set_reuse_address(true)?;
-    size_buffers(&s);
+    driver::size_socket_buffers(&s);
     s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
     s.set_nonblocking(true)?;
     UdpSocket::from_std(s.into())
@@ -165,16 +162,8 @@ fn bind_wireguard(port: u16) -> std::io::Result<UdpSocket> {
 fn bind_reuse_v4(addr: SocketAddrV4) -> std::io::Result<UdpSocket> {
     let s = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
     s.set_reuse_address(true)?;
+    driver::size_socket_buffers(&s);
     s.bind(&SocketAddr::V4(addr).into())?;
     s.set_nonblocking(true)?;
     UdpSocket::from_std(s.into())
-}
-
-/// Asks for large buffers; the forcing variants work as root and ignore
-/// `net.core.rmem_max`, the plain ones are the fallback.
-pub fn size_buffers(s: &Socket) {
-    if s.set_recv_buffer_size(WIREGUARD_SOCKET_BUFFER).is_err() {
-        let _ = s.set_recv_buffer_size(WIREGUARD_SOCKET_BUFFER);
-    }
-    let _ = s.set_send_buffer_size(WIREGUARD_SOCKET_BUFFER);
 }

@@ -333,6 +333,7 @@ pub fn bind_public_udp(port: u16) -> std::io::Result<UdpSocket> {
         }
         Err(e) => return Err(e),
     };
+    skerry::tunnel::driver::size_socket_buffers(&socket);
     socket.set_nonblocking(true)?;
     UdpSocket::from_std(socket.into())
 }

@@ -262,13 +262,7 @@ async fn ensure_plane(
     }
     let t = welcome.tunnel;
     let tun = device::create(&opts.tun_name, t.home(), t.prefix_len(), DEFAULT_MTU).await?;
-    let udp = UdpSocket::bind(if opts.edge.is_ipv4() {
-        SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
-    } else {
-        SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
-    })
-    .await
-    .context("binding the tunnel's UDP socket")?;
+    let udp = bind_tunnel_socket(opts.edge).context("binding the tunnel's UDP socket")?;
     let tunnel = driver::spawn(
         tun,
         udp,
@@ -285,8 +279,7 @@ async fn ensure_plane(
     let tcp = TcpListener::bind((t.home(), TCP_FLOW_PORT))
         .await
         .with_context(|| format!("binding the flow listener {}:{TCP_FLOW_PORT}", t.home()))?;
-    let udp_flows = UdpSocket::bind((t.home(), UDP_FLOW_PORT))
-        .await
+    let udp_flows = bind_flow_socket(SocketAddr::from((t.home(), UDP_FLOW_PORT)))
         .with_context(|| format!("binding the UDP flow socket {}:{UDP_FLOW_PORT}", t.home()))?;
     tokio::spawn(forward::tcp_flows(tcp, fwd.clone(), shutdown.child_token()));
     tokio::spawn(forward::udp_flows(
@@ -301,4 +294,29 @@ async fn ensure_plane(
         fwd: fwd.clone(),
     });
     Ok(fwd)
+}
+
+/// The home end's WireGuard socket, with buffers large enough for bursts
+/// at line rate (the kernel default of about 200 KiB drops them).
+fn bind_tunnel_socket(edge: SocketAddr) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Socket, Type};
+    let (domain, bind) = if edge.is_ipv4() {
+        (Domain::IPV4, SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
+    } else {
+        (Domain::IPV6, SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)))
+    };
+    let s = Socket::new(domain, Type::DGRAM, None)?;
+    driver::size_socket_buffers(&s);
+    s.bind(&bind.into())?;
+    s.set_nonblocking(true)?;
+    UdpSocket::from_std(s.into())
+}
+
+/// The home's UDP flow socket on its tunnel address, sized like the tunnel's.
+fn bind_flow_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+    driver::size_socket_buffers(&s);
+    s.bind(&addr.into())?;
+    s.set_nonblocking(true)?;
+    UdpSocket::from_std(s.into())
 }
