@@ -40,6 +40,7 @@ pub async fn create(
         .name(name)
         .mtu(mtu)
         .tx_queue_len(TX_QUEUE_LEN)
+        .offload(true)
         .build_async()
         .map_err(|source| DeviceError::Create {
             name: name.to_owned(),

@@ -118,6 +118,44 @@ impl TunnelHandle {
 #[error("the tunnel driver has stopped")]
 pub struct TunnelStopped;
 
+/// Packets per batch: one TUN read with TSO yields up to about 45 MTU
+/// packets; the receive side gathers up to this many datagrams per wakeup.
+const BATCH: usize = 64;
+/// Room before each packet in a TUN buffer: the 10-byte virtio header the
+/// offload path writes in front, with spare for alignment.
+const OFFSET: usize = 16;
+/// Capacity of each TUN write buffer: GRO coalesces segments into the
+/// first buffer of a flow, up to 64 KiB, and tun-rs needs twice the offset.
+const TUN_BUF_CAP: usize = 65535 + 2 * OFFSET + 64;
+
+/// State shared by the send and receive pipelines and the timer.
+///
+/// One lock, taken once per batch and never across an `.await`: the
+/// pipelines run on separate tasks (and cores), and `Tunn` needs `&mut`.
+struct Shared {
+    tunn: Option<Box<Tunn>>,
+    peer_key: Option<PublicKey>,
+    endpoint: Option<SocketAddr>,
+    last_handshake_age: Option<Duration>,
+    stats: TunnelStats,
+}
+
+struct Context {
+    tun: AsyncDevice,
+    udp: UdpSocket,
+    spec: TunnelSpec,
+    fixed: bool,
+    limiter: Arc<RateLimiter>,
+    shared: std::sync::Mutex<Shared>,
+    stats_tx: watch::Sender<TunnelStats>,
+}
+
+impl Context {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// Starts the driver on the current runtime. It runs until `shutdown`.
 pub fn spawn(
     tun: AsyncDevice,
@@ -130,253 +168,342 @@ pub fn spawn(
     let (stats_tx, stats) = watch::channel(TunnelStats::default());
     let public = PublicKey::from(&spec.private_key);
     let limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
-    let mut driver = Driver {
+    let fixed = matches!(spec.endpoint, Endpoint::Fixed(_));
+    let endpoint = match spec.endpoint {
+        Endpoint::Fixed(a) => Some(a),
+        Endpoint::Learned => None,
+    };
+    let ctx = Arc::new(Context {
         tun,
         udp,
-        endpoint: match spec.endpoint {
-            Endpoint::Fixed(a) => Some(a),
-            Endpoint::Learned => None,
-        },
-        fixed: matches!(spec.endpoint, Endpoint::Fixed(_)),
-        spec,
+        fixed,
         limiter,
-        tunn: None,
-        peer_key: None,
-        stats: TunnelStats::default(),
+        shared: std::sync::Mutex::new(Shared {
+            tunn: None,
+            peer_key: None,
+            endpoint,
+            last_handshake_age: None,
+            stats: TunnelStats::default(),
+        }),
+        spec,
         stats_tx,
-        last_handshake_age: None,
-    };
+    });
     if let Some(key) = peer {
-        driver.set_peer(PublicKey::from(key));
+        set_peer(&ctx, PublicKey::from(key));
     }
-    tokio::spawn(async move { driver.run(command_rx, shutdown).await });
+    tokio::spawn(send_pipeline(ctx.clone(), shutdown.clone()));
+    tokio::spawn(receive_pipeline(ctx.clone(), shutdown.clone()));
+    tokio::spawn(control_loop(ctx, command_rx, shutdown));
     TunnelHandle { commands, stats }
 }
 
-struct Driver {
-    tun: AsyncDevice,
-    udp: UdpSocket,
-    spec: TunnelSpec,
-    endpoint: Option<SocketAddr>,
-    fixed: bool,
-    limiter: Arc<RateLimiter>,
-    tunn: Option<Box<Tunn>>,
-    peer_key: Option<PublicKey>,
-    stats: TunnelStats,
-    stats_tx: watch::Sender<TunnelStats>,
-    last_handshake_age: Option<Duration>,
-}
-
-impl Driver {
-    async fn run(&mut self, mut commands: mpsc::Receiver<Command>, shutdown: CancellationToken) {
-        let mut tun_buf = vec![0u8; MAX_PACKET];
-        let mut udp_buf = vec![0u8; MAX_PACKET];
-        let mut out = vec![0u8; MAX_PACKET + 32];
-        let mut tick = tokio::time::interval(TIMER_TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut ticks: u32 = 0;
-        // The home side starts the handshake at once, so the tunnel is up
-        // before the first flow needs it.
-        self.initiate(&mut out).await;
-        loop {
-            tokio::select! {
-                biased;
-                () = shutdown.cancelled() => break,
-                cmd = commands.recv() => match cmd {
-                    Some(Command::SetPeer(key)) => {
-                        self.set_peer(key);
-                        self.initiate(&mut out).await;
-                    }
-                    None => break,
-                },
-                r = self.udp.recv_from(&mut udp_buf) => match r {
-                    Ok((n, from)) => self.on_datagram(&udp_buf[..n], from, &mut out).await,
-                    Err(e) => warn!(error = %e, "tunnel socket receive failed"),
-                },
-                r = self.tun.recv(&mut tun_buf) => match r {
-                    Ok(n) => self.on_tun_packet(&tun_buf[..n], &mut out).await,
-                    Err(e) => {
-                        warn!(error = %e, "TUN read failed; stopping the tunnel");
-                        break;
-                    }
-                },
-                _ = tick.tick() => {
-                    ticks = ticks.wrapping_add(1);
-                    if ticks.is_multiple_of(4) {
-                        self.limiter.reset_count();
-                    }
-                    self.on_timer(&mut out).await;
-                }
-            }
-        }
-        debug!("tunnel driver stopped");
-    }
-
-    fn set_peer(&mut self, key: PublicKey) {
-        if self.peer_key == Some(key) {
-            return;
-        }
-        info!(peer = %short_key(key.as_bytes()), "tunnel peer set");
-        let tunn = Tunn::new(
-            self.spec.private_key.clone(),
-            key,
-            None,
-            self.spec.keepalive,
-            rand::random::<u32>() >> 8,
-            Some(self.limiter.clone()),
-        );
-        self.tunn = Some(Box::new(tunn));
-        self.peer_key = Some(key);
-        self.stats.peer_key = Some(*key.as_bytes());
-        self.stats.last_handshake = None;
-        self.last_handshake_age = None;
-        if !self.fixed {
-            self.endpoint = None;
-        }
-        self.publish();
-    }
-
-    async fn initiate(&mut self, out: &mut [u8]) {
-        if !self.fixed {
-            return;
-        }
-        let Some(tunn) = self.tunn.as_mut() else {
-            return;
-        };
-        if let TunnResult::WriteToNetwork(p) = tunn.format_handshake_initiation(out, false) {
-            send(&self.udp, self.endpoint, p, &mut self.stats).await;
-        }
-    }
-
-    async fn on_tun_packet(&mut self, packet: &[u8], out: &mut [u8]) {
-        let Some(tunn) = self.tunn.as_mut() else {
-            trace!("no tunnel peer yet; dropping outbound packet");
-            return;
-        };
-        match tunn.encapsulate(packet, out) {
-            TunnResult::WriteToNetwork(p) => {
-                send(&self.udp, self.endpoint, p, &mut self.stats).await
-            }
-            TunnResult::Err(e) => debug!(error = ?e, "encapsulate failed"),
-            _ => {}
-        }
-    }
-
-    async fn on_datagram(&mut self, datagram: &[u8], from: SocketAddr, out: &mut [u8]) {
-        let Some(tunn) = self.tunn.as_mut() else {
-            trace!(%from, "no tunnel peer yet; dropping datagram");
-            return;
-        };
-        if self.fixed && Some(from) != self.endpoint {
-            trace!(%from, "datagram from an address other than the edge; dropped");
-            return;
-        }
-        let mut authenticated = false;
-        match tunn.decapsulate(Some(from.ip()), datagram, out) {
-            TunnResult::WriteToNetwork(p) => {
-                authenticated = true;
-                // Handshake responses and cookies go back where they came from.
-                send(&self.udp, Some(from), p, &mut self.stats).await;
-                // Flush packets queued while the handshake was under way.
-                let mut flush = vec![0u8; MAX_PACKET + 32];
-                while let TunnResult::WriteToNetwork(p) = tunn.decapsulate(None, &[], &mut flush) {
-                    send(&self.udp, Some(from), p, &mut self.stats).await;
-                }
-            }
-            TunnResult::WriteToTunnelV4(packet, src) => {
-                authenticated = true;
-                if src == self.spec.peer_addr {
-                    self.stats.rx_bytes += packet.len() as u64;
-                    if let Err(e) = self.tun.send(packet).await {
-                        debug!(error = %e, "TUN write failed");
-                    }
-                } else {
-                    self.stats.dropped_spoofed += 1;
-                    debug!(%src, "dropped tunnel packet whose inner source is not the peer's address");
-                }
-            }
-            TunnResult::WriteToTunnelV6(_, src) => {
-                authenticated = true;
-                self.stats.dropped_spoofed += 1;
-                debug!(src = %IpAddr::V6(src), "dropped IPv6 tunnel packet: the tunnel carries IPv4 only");
-            }
-            TunnResult::Done => authenticated = true,
-            TunnResult::Err(WireGuardError::DuplicateCounter | WireGuardError::InvalidCounter) => {}
-            TunnResult::Err(e) => debug!(%from, error = ?e, "dropped WireGuard datagram"),
-        }
-        if authenticated && !self.fixed && self.endpoint != Some(from) {
-            info!(endpoint = %from, "tunnel peer endpoint");
-            self.endpoint = Some(from);
-        }
-        self.observe_handshake();
-    }
-
-    async fn on_timer(&mut self, out: &mut [u8]) {
-        let Some(tunn) = self.tunn.as_mut() else {
-            return;
-        };
-        match tunn.update_timers(out) {
-            TunnResult::WriteToNetwork(p) => {
-                send(&self.udp, self.endpoint, p, &mut self.stats).await
-            }
-            TunnResult::Err(WireGuardError::ConnectionExpired) => {
-                debug!("tunnel session expired; the next packet starts a handshake");
-            }
-            TunnResult::Err(e) => debug!(error = ?e, "tunnel timer"),
-            _ => {}
-        }
-        self.observe_handshake();
-        self.publish();
-    }
-
-    /// boringtun reports the age of the last handshake; a smaller age than
-    /// before means a new one completed.
-    fn observe_handshake(&mut self) {
-        let Some(tunn) = self.tunn.as_ref() else {
-            return;
-        };
-        let (age, ..) = tunn.stats();
-        if let Some(age) = age {
-            let newer = match self.last_handshake_age {
-                None => true,
-                Some(prev) => age < prev,
-            };
-            self.last_handshake_age = Some(age);
-            if newer {
-                let at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
-                if self.stats.last_handshake.is_none() {
-                    info!("tunnel handshake complete");
-                }
-                self.stats.last_handshake = Some(at);
-                self.stats.endpoint = self.endpoint;
-                self.publish();
-            }
-        }
-    }
-
-    fn publish(&mut self) {
-        self.stats.endpoint = self.endpoint;
-        let stats = self.stats.clone();
-        self.stats_tx.send_if_modified(|s| {
-            if *s == stats {
-                false
-            } else {
-                *s = stats;
-                true
-            }
-        });
-    }
-}
-
-async fn send(udp: &UdpSocket, to: Option<SocketAddr>, packet: &[u8], stats: &mut TunnelStats) {
-    let Some(to) = to else {
-        trace!("peer endpoint not known yet; dropping outbound datagram");
+fn set_peer(ctx: &Context, key: PublicKey) {
+    let mut sh = ctx.lock();
+    if sh.peer_key == Some(key) {
         return;
+    }
+    info!(peer = %short_key(key.as_bytes()), "tunnel peer set");
+    let tunn = Tunn::new(
+        ctx.spec.private_key.clone(),
+        key,
+        None,
+        ctx.spec.keepalive,
+        rand::random::<u32>() >> 8,
+        Some(ctx.limiter.clone()),
+    );
+    sh.tunn = Some(Box::new(tunn));
+    sh.peer_key = Some(key);
+    sh.stats.peer_key = Some(*key.as_bytes());
+    sh.stats.last_handshake = None;
+    sh.last_handshake_age = None;
+    if !ctx.fixed {
+        sh.endpoint = None;
+    }
+    publish(ctx, &mut sh);
+}
+
+/// Timers, commands and the first handshake.
+async fn control_loop(
+    ctx: Arc<Context>,
+    mut commands: mpsc::Receiver<Command>,
+    shutdown: CancellationToken,
+) {
+    let mut out = vec![0u8; 256];
+    let mut tick = tokio::time::interval(TIMER_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks: u32 = 0;
+    initiate(&ctx, &mut out).await;
+    loop {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            cmd = commands.recv() => match cmd {
+                Some(Command::SetPeer(key)) => {
+                    set_peer(&ctx, key);
+                    initiate(&ctx, &mut out).await;
+                }
+                None => break,
+            },
+            _ = tick.tick() => {
+                ticks = ticks.wrapping_add(1);
+                if ticks.is_multiple_of(4) {
+                    ctx.limiter.reset_count();
+                }
+                let (to, packet) = {
+                    let mut sh = ctx.lock();
+                    let endpoint = sh.endpoint;
+                    let result = match sh.tunn.as_mut() {
+                        None => None,
+                        Some(tunn) => match tunn.update_timers(&mut out) {
+                            TunnResult::WriteToNetwork(p) => Some(p.len()),
+                            TunnResult::Err(WireGuardError::ConnectionExpired) => {
+                                debug!("tunnel session expired; the next packet starts a handshake");
+                                None
+                            }
+                            TunnResult::Err(e) => {
+                                debug!(error = ?e, "tunnel timer");
+                                None
+                            }
+                            _ => None,
+                        },
+                    };
+                    observe_handshake(&ctx, &mut sh);
+                    publish(&ctx, &mut sh);
+                    (endpoint, result)
+                };
+                if let (Some(to), Some(n)) = (to, packet) {
+                    send_one(&ctx, &out[..n], to).await;
+                }
+            }
+        }
+    }
+    debug!("tunnel driver stopped");
+}
+
+/// The home side starts the handshake at once, so the tunnel is up before
+/// the first flow needs it.
+async fn initiate(ctx: &Context, out: &mut [u8]) {
+    if !ctx.fixed {
+        return;
+    }
+    let (to, n) = {
+        let mut sh = ctx.lock();
+        let to = sh.endpoint;
+        let Some(tunn) = sh.tunn.as_mut() else { return };
+        match tunn.format_handshake_initiation(out, false) {
+            TunnResult::WriteToNetwork(p) => (to, p.len()),
+            _ => return,
+        }
     };
-    match udp.send_to(packet, to).await {
-        Ok(n) => stats.tx_bytes += n as u64,
+    if let Some(to) = to {
+        send_one(ctx, &out[..n], to).await;
+    }
+}
+
+async fn send_one(ctx: &Context, packet: &[u8], to: SocketAddr) {
+    match ctx.udp.send_to(packet, to).await {
+        Ok(n) => {
+            let mut sh = ctx.lock();
+            sh.stats.tx_bytes += n as u64;
+        }
         Err(e) => debug!(%to, error = %e, "tunnel send failed"),
     }
+}
+
+/// TUN → encrypt → UDP. One TUN read yields a batch (TSO super-packets are
+/// split into MTU packets by tun-rs), encrypted under one lock.
+async fn send_pipeline(ctx: Arc<Context>, shutdown: CancellationToken) {
+    let mut original = vec![0u8; OFFSET + 65535 + 64];
+    let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; OFFSET + 65535]).collect();
+    let mut sizes = vec![0usize; BATCH];
+    let mut out: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; MAX_PACKET + 32]).collect();
+    let mut lens = vec![0usize; BATCH];
+    loop {
+        let n = tokio::select! {
+            () = shutdown.cancelled() => break,
+            r = ctx.tun.recv_multiple(&mut original, &mut bufs, &mut sizes, OFFSET) => match r {
+                Ok(n) => n,
+                Err(e) => {
+                    warn!(error = %e, "TUN read failed; stopping the tunnel");
+                    break;
+                }
+            },
+        };
+        let (to, count) = {
+            let mut sh = ctx.lock();
+            let to = sh.endpoint;
+            let Some(tunn) = sh.tunn.as_mut() else {
+                trace!("no tunnel peer yet; dropping outbound packets");
+                continue;
+            };
+            let mut count = 0;
+            for i in 0..n {
+                let packet = &bufs[i][OFFSET..OFFSET + sizes[i]];
+                match tunn.encapsulate(packet, &mut out[count]) {
+                    TunnResult::WriteToNetwork(p) => {
+                        lens[count] = p.len();
+                        count += 1;
+                    }
+                    TunnResult::Err(e) => debug!(error = ?e, "encapsulate failed"),
+                    _ => {}
+                }
+            }
+            (to, count)
+        };
+        let Some(to) = to else {
+            trace!("peer endpoint not known yet; dropping outbound datagrams");
+            continue;
+        };
+        let mut sent = 0u64;
+        for (buf, &len) in out.iter().zip(&lens).take(count) {
+            match ctx.udp.send_to(&buf[..len], to).await {
+                Ok(n) => sent += n as u64,
+                Err(e) => debug!(%to, error = %e, "tunnel send failed"),
+            }
+        }
+        ctx.lock().stats.tx_bytes += sent;
+    }
+}
+
+/// UDP → decrypt → TUN. Gathers the datagrams that are waiting, decrypts
+/// them under one lock and writes them to the TUN in one GRO-coalesced batch.
+async fn receive_pipeline(ctx: Arc<Context>, shutdown: CancellationToken) {
+    let mut datagrams: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; MAX_PACKET]).collect();
+    let mut dgram_meta: Vec<(usize, SocketAddr)> = Vec::with_capacity(BATCH);
+    let mut tun_bufs: Vec<Vec<u8>> = (0..BATCH)
+        .map(|_| Vec::with_capacity(TUN_BUF_CAP))
+        .collect();
+    let mut replies: Vec<(Vec<u8>, SocketAddr)> = Vec::new();
+    let mut scratch = vec![0u8; MAX_PACKET + 32];
+    let mut plain = vec![0u8; MAX_PACKET + 32];
+    let mut gro = tun_rs::GROTable::new();
+    loop {
+        dgram_meta.clear();
+        let first = tokio::select! {
+            () = shutdown.cancelled() => break,
+            r = ctx.udp.recv_from(&mut datagrams[0]) => r,
+        };
+        match first {
+            Ok((n, from)) => dgram_meta.push((n, from)),
+            Err(e) => {
+                warn!(error = %e, "tunnel socket receive failed");
+                continue;
+            }
+        }
+        // Take whatever else is already queued, without waiting.
+        while dgram_meta.len() < BATCH {
+            match ctx.udp.try_recv_from(&mut datagrams[dgram_meta.len()]) {
+                Ok((n, from)) => dgram_meta.push((n, from)),
+                Err(_) => break,
+            }
+        }
+
+        let mut ready = 0usize;
+        {
+            let mut sh = ctx.lock();
+            let sh = &mut *sh;
+            let Some(tunn) = sh.tunn.as_mut() else {
+                trace!("no tunnel peer yet; dropping datagrams");
+                continue;
+            };
+            for (i, &(n, from)) in dgram_meta.iter().enumerate() {
+                if ctx.fixed && Some(from) != sh.endpoint {
+                    trace!(%from, "datagram from an address other than the edge; dropped");
+                    continue;
+                }
+                let mut authenticated = false;
+                match tunn.decapsulate(Some(from.ip()), &datagrams[i][..n], &mut plain) {
+                    TunnResult::WriteToNetwork(p) => {
+                        authenticated = true;
+                        // Handshake responses and cookies go back where they came from.
+                        replies.push((p.to_vec(), from));
+                        while let TunnResult::WriteToNetwork(p) =
+                            tunn.decapsulate(None, &[], &mut scratch)
+                        {
+                            replies.push((p.to_vec(), from));
+                        }
+                    }
+                    TunnResult::WriteToTunnelV4(packet, src) => {
+                        authenticated = true;
+                        if src == ctx.spec.peer_addr {
+                            sh.stats.rx_bytes += packet.len() as u64;
+                            // Room in front for the virtio header; a copy
+                            // of one MTU is cheaper than zeroing 64 KiB.
+                            let buf = &mut tun_bufs[ready];
+                            buf.clear();
+                            buf.extend_from_slice(&[0u8; OFFSET]);
+                            buf.extend_from_slice(packet);
+                            ready += 1;
+                        } else {
+                            sh.stats.dropped_spoofed += 1;
+                            debug!(%src, "dropped tunnel packet whose inner source is not the peer's address");
+                        }
+                    }
+                    TunnResult::WriteToTunnelV6(_, src) => {
+                        authenticated = true;
+                        sh.stats.dropped_spoofed += 1;
+                        debug!(src = %IpAddr::V6(src), "dropped IPv6 tunnel packet: the tunnel carries IPv4 only");
+                    }
+                    TunnResult::Done => authenticated = true,
+                    TunnResult::Err(
+                        WireGuardError::DuplicateCounter | WireGuardError::InvalidCounter,
+                    ) => {}
+                    TunnResult::Err(e) => debug!(%from, error = ?e, "dropped WireGuard datagram"),
+                }
+                if authenticated && !ctx.fixed && sh.endpoint != Some(from) {
+                    info!(endpoint = %from, "tunnel peer endpoint");
+                    sh.endpoint = Some(from);
+                }
+            }
+            observe_handshake(&ctx, sh);
+        }
+        for (reply, to) in replies.drain(..) {
+            send_one(&ctx, &reply, to).await;
+        }
+        if ready > 0
+            && let Err(e) = ctx
+                .tun
+                .send_multiple(&mut gro, &mut tun_bufs[..ready], OFFSET)
+                .await
+        {
+            debug!(error = %e, "TUN write failed");
+        }
+    }
+}
+
+/// boringtun reports the age of the last handshake; a smaller age than
+/// before means a new one completed.
+fn observe_handshake(ctx: &Context, sh: &mut Shared) {
+    let Some(tunn) = sh.tunn.as_ref() else { return };
+    let (age, ..) = tunn.stats();
+    if let Some(age) = age {
+        let newer = match sh.last_handshake_age {
+            None => true,
+            Some(prev) => age < prev,
+        };
+        sh.last_handshake_age = Some(age);
+        if newer {
+            let at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+            if sh.stats.last_handshake.is_none() {
+                info!("tunnel handshake complete");
+            }
+            sh.stats.last_handshake = Some(at);
+            publish(ctx, sh);
+        }
+    }
+}
+
+fn publish(ctx: &Context, sh: &mut Shared) {
+    sh.stats.endpoint = sh.endpoint;
+    let stats = sh.stats.clone();
+    ctx.stats_tx.send_if_modified(|s| {
+        if *s == stats {
+            false
+        } else {
+            *s = stats;
+            true
+        }
+    });
 }
 
 /// Socket buffer size for the WireGuard sockets: a burst at line rate must
