@@ -167,6 +167,9 @@ CONF
   install -d /etc/systemd/system/systemd-networkd-wait-online.service.d
   printf '[Service]\nExecStart=\nExecStart=/lib/systemd/systemd-networkd-wait-online --any --timeout=60\n' \
     >/etc/systemd/system/systemd-networkd-wait-online.service.d/10-skerry-any.conf
+  # Without dbus and logind, Debian's getty-static starts gettys on tty2-6
+  # as well: tty1 and the serial console are enough.
+  systemctl mask getty-static.service >/dev/null
   echo skerry-edge >/etc/hostname
   printf '127.0.0.1\tlocalhost\n127.0.1.1\tskerry-edge\n::1\tlocalhost ip6-localhost ip6-loopback\n' >/etc/hosts
   # No password for anyone: the console shows the agent's logs, SSH (if on)

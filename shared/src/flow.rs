@@ -33,6 +33,9 @@ pub const TCP_FLOW_PORT: u16 = 7001;
 /// Port on both tunnel addresses that carries UDP datagrams.
 pub const UDP_FLOW_PORT: u16 = 7002;
 pub const FLOW_VERSION: u8 = 1;
+/// Buffer per direction of a TCP relay: tokio's default of 8 KiB costs a
+/// system call pair per 8 KiB; 64 KiB matches what one TSO read carries.
+pub const RELAY_BUFFER: usize = 64 * 1024;
 /// The largest encoded header (IPv6 client).
 pub const MAX_FLOW_HEADER_LEN: usize = 1 + 1 + 2 + 1 + 16 + 2;
 pub const MAX_DATAGRAM_HEADER_LEN: usize = 1 + 4 + 2 + 1 + 16 + 2;

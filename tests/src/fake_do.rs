@@ -74,6 +74,8 @@ impl World {
 pub enum Fault {
     /// Answer this status with a DigitalOcean error body, doing nothing.
     Status(u16),
+    /// Refuse with this status and DigitalOcean `message`, doing nothing.
+    Refuse { status: u16, message: &'static str },
     /// Do the work, then answer this status: the worst case for a POST.
     StatusAfterWork(u16),
     /// 429 with `Retry-After` (if given) and `ratelimit-reset` in `reset_in`
@@ -908,6 +910,9 @@ fn route(c: &mut Cloud, req: &Request) -> Reply {
                 "Server was unable to give you a response.",
             );
         }
+        Some(Fault::Refuse { status, message }) => {
+            return error(status, "unprocessable_entity", message);
+        }
         Some(Fault::RateLimit {
             retry_after,
             reset_in,
@@ -975,7 +980,8 @@ fn dispatch(c: &mut Cloud, req: &Request) -> Reply {
             c.page("images", items, path, &query)
         }
         ("GET", ["v2", "images", id]) => {
-            match c.images.iter().find(|i| i["id"].to_string() == *id) {
+            let id: Option<u64> = id.parse().ok();
+            match c.images.iter().find(|i| id.is_some_and(|id| i["id"] == id)) {
                 Some(i) => Reply::json(200, &json!({"image": i})),
                 None => not_found(),
             }

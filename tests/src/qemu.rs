@@ -199,8 +199,9 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Starts `qemu-system-x86_64` in `ns` (`ip netns exec`, which execs
-    /// qemu in place, so the child's PID is qemu's): TCG, no display, the
+    /// Starts `qemu-system-x86_64` in `ns` (`ip netns exec` and `setpriv`
+    /// both exec in place, so the child's PID is qemu's; qemu gets SIGKILL
+    /// if the thread that started it dies first): TCG, no display, the
     /// serial console to [`VmConfig::serial_log`], the disk copy-on-write
     /// (`snapshot=on`: the image file is never written), user networking
     /// with the forwards, and `-no-reboot`, so that a guest that panics or
@@ -223,7 +224,11 @@ impl Vm {
             .try_clone()
             .unwrap_or_else(|e| panic!("{}: {e}", qemu_log.display()));
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns.name(), "qemu-system-x86_64"])
+        // `setpriv --pdeathsig KILL` (util-linux): should this test process
+        // die without dropping the guard, qemu dies with it instead of
+        // emulating a machine forever in a namespace nobody owns.
+        cmd.args(["netns", "exec", ns.name()])
+            .args(["setpriv", "--pdeathsig", "KILL", "qemu-system-x86_64"])
             .args([
                 "-accel",
                 "tcg",

@@ -678,3 +678,100 @@ fn list_shows_only_skerry_edges() {
     );
     assert!(!table.contains("database"), "{table}");
 }
+
+/// A create that DigitalOcean refuses (422) fails at once with
+/// DigitalOcean's own message; nothing is repeated or left.
+#[test]
+fn refused_create_shows_digitaloceans_message() {
+    init_tracing();
+    let fake = fake_with_release_image(None);
+    fake.inject(
+        "POST",
+        "/v2/droplets",
+        Fault::Refuse {
+            status: 422,
+            message: "Size is not available in this region.",
+        },
+        1,
+    );
+    let home = Home::new(TOKEN);
+    let (result, _) = provision_here(&home, home.args(&fake));
+    let text = format!("{:#}", result.expect_err("refused"));
+    assert!(
+        text.contains("Size is not available in this region.")
+            && text.contains("422")
+            && text.contains("creating droplet"),
+        "{text}"
+    );
+    assert_eq!(fake.count("POST", "/v2/droplets"), 1);
+    assert!(fake.droplet_ids().is_empty());
+    assert!(!home.dir.join(STATE_FILE).exists());
+}
+
+/// Re-attach finds the droplet by its tag when the recorded id is gone,
+/// and ignores a recorded droplet that does not carry the edge's tag.
+#[test]
+fn reattach_falls_back_to_the_tag() {
+    init_tracing();
+    let fake = FakeDo::start(TOKEN);
+    let home = Home::new(TOKEN);
+    let tag = droplet::edge_tag(&home.name);
+    let stranger = fake.seed_droplet("web", "fra1", &["web"], Ipv4Addr::new(198, 18, 3, 1));
+    let ours = fake.seed_droplet(
+        &tag,
+        "fra1",
+        &["skerry", &tag],
+        Ipv4Addr::new(198, 18, 4, 1),
+    );
+    let client = home.client(&fake);
+    for recorded in [999_999, stranger] {
+        std::fs::write(
+            home.dir.join(STATE_FILE),
+            format!(
+                r#"{{"version":1,"id":{recorded},"name":"{tag}","region":"fra1","created_at":"2026-01-01T00:00:00Z"}}"#
+            ),
+        )
+        .expect("record");
+        let found = block_on(droplet::find_existing(&client, &home.name, &home.dir))
+            .expect("lookup")
+            .expect("found by tag");
+        assert_eq!(found.id, ours);
+        let record = droplet::load_record(&home.dir)
+            .expect("record")
+            .expect("rewritten");
+        assert_eq!(record.id, ours);
+    }
+}
+
+/// A create that failed with a 5xx and did nothing is tried again once the
+/// tag shows no droplet: one droplet in the end. (No world here, so it
+/// never gets an address and is destroyed again after the ready timeout.)
+#[test]
+fn create_failed_by_a_5xx_is_repeated_once_the_tag_shows_nothing() {
+    init_tracing();
+    let fake = fake_with_release_image(None);
+    fake.inject("POST", "/v2/droplets", Fault::Status(500), 1);
+    let home = Home::new(TOKEN);
+    let mut args = home.args(&fake);
+    args.ready_timeout = Duration::from_secs(3);
+    let (result, phases) = provision_here(&home, args);
+    let err = result.expect_err("never gets an address");
+    assert!(
+        matches!(
+            err.downcast_ref::<DropletError>(),
+            Some(DropletError::Abandoned { reason, cleanup: Cleanup::Destroyed { .. } })
+                if matches!(**reason, DropletError::NotActive { .. })
+        ),
+        "{err:#}"
+    );
+    assert_eq!(fake.count("POST", "/v2/droplets"), 2, "{:?}", fake.log());
+    assert_eq!(fake.count("DELETE", "/v2/droplets/"), 1, "{:?}", fake.log());
+    assert!(fake.droplet_ids().is_empty());
+    assert_eq!(
+        phases
+            .iter()
+            .filter(|p| matches!(p, Phase::Created { .. }))
+            .count(),
+        1
+    );
+}

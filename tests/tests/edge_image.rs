@@ -251,3 +251,93 @@ async fn udp_round_trip(addr: SocketAddr) {
     }
     panic!("no UDP echo through the VM after 10 datagrams to {addr}");
 }
+
+/// `connect --edge droplet` looks for `skerry-edge-<its own version>`: the
+/// Packer template must name the snapshot for this release.
+#[test]
+fn packer_snapshot_is_named_for_this_release() {
+    let template = std::fs::read_to_string(qemu::workspace_root().join("packer/edge.pkr.hcl"))
+        .expect("reading packer/edge.pkr.hcl");
+    let block = template
+        .split("variable \"version\"")
+        .nth(1)
+        .and_then(|rest| rest.split('}').next())
+        .expect("packer/edge.pkr.hcl declares variable \"version\"");
+    let default = block
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("default"))
+        .and_then(|v| v.trim().strip_prefix('='))
+        .map(|v| v.trim().trim_matches('"'))
+        .expect("variable \"version\" has a default");
+    assert_eq!(
+        default,
+        env!("CARGO_PKG_VERSION"),
+        "packer/edge.pkr.hcl's version default must be the workspace version"
+    );
+    assert!(
+        template.contains("snapshot_name = \"skerry-edge-${var.version}\"")
+            && template.contains("= local.snapshot_name"),
+        "the snapshot must be named skerry-edge-<version>"
+    );
+}
+
+/// The unit keeps the sandbox the edge is documented to run in.
+#[test]
+fn edge_unit_grants_only_what_the_agent_needs() {
+    let unit = std::fs::read_to_string(qemu::workspace_root().join("images/edge-agent.service"))
+        .expect("reading images/edge-agent.service");
+    let values = |key: &str| -> Vec<String> {
+        unit.lines()
+            .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .map(str::to_owned)
+            .collect()
+    };
+    let words = |key: &str| -> Vec<String> {
+        let mut w: Vec<String> = values(key)
+            .iter()
+            .flat_map(|v| v.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+            .collect();
+        w.sort();
+        w
+    };
+    let caps = ["CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE"];
+    assert_eq!(words("AmbientCapabilities"), caps);
+    assert_eq!(words("CapabilityBoundingSet"), caps);
+    assert_eq!(
+        words("RestrictAddressFamilies"),
+        ["AF_INET", "AF_INET6", "AF_NETLINK", "AF_UNIX"]
+    );
+    for (key, want) in [
+        ("Restart", "always"),
+        ("NoNewPrivileges", "yes"),
+        ("ProtectSystem", "strict"),
+        ("ProtectHome", "yes"),
+        ("PrivateTmp", "yes"),
+        ("DynamicUser", "yes"),
+        ("DevicePolicy", "closed"),
+        ("DeviceAllow", "/dev/net/tun rw"),
+    ] {
+        assert_eq!(values(key), [want], "{key}= in images/edge-agent.service");
+    }
+}
+
+/// The image scripts at least parse (`sh -n`, `bash -n`).
+#[test]
+fn image_scripts_parse() {
+    let root = qemu::workspace_root();
+    for (shell, script) in [
+        ("sh", "images/provision.sh"),
+        ("bash", "images/build-local.sh"),
+    ] {
+        let out = std::process::Command::new(shell)
+            .arg("-n")
+            .arg(root.join(script))
+            .output()
+            .unwrap_or_else(|e| panic!("running {shell} -n {script}: {e}"));
+        assert!(
+            out.status.success(),
+            "{script} does not parse: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -198,12 +198,7 @@ impl fmt::Display for Phase {
             Phase::Booted { v4, v6: None } => write!(f, "droplet active at {v4}"),
             Phase::ReservedIpAssigned { ip } => write!(f, "reserved IP {ip} assigned"),
             Phase::WaitingForEdge { addr } => write!(f, "waiting for the edge-agent on {addr}"),
-            Phase::EdgeAnswered { addr } => {
-                write!(
-                    f,
-                    "edge-agent answering on {addr} (certificate from this home's CA)"
-                )
-            }
+            Phase::EdgeAnswered { addr } => write!(f, "edge-agent answering on {addr}"),
             Phase::CleanedUp { id } => write!(f, "droplet {id} destroyed"),
         }
     }
@@ -664,13 +659,19 @@ async fn create(
         };
         warn!(error = %err, "the create call may or may not have worked; checking the tag before anything else");
         tokio::time::sleep(backoff.next_delay(rand::random::<f64>())).await;
-        let mut found = api
-            .droplets_by_tag(tag)
-            .await
-            .map_err(api_err(format!("listing droplets tagged {tag}")))?;
+        let mut found = api.droplets_by_tag(tag).await.map_err(api_err(format!(
+            "checking for a droplet tagged {tag} after an unclear create (if one exists, \
+             `home-agent destroy --name {edge}` removes it)"
+        )))?;
         match found.len() {
             0 if tries < CREATE_TRIES => continue,
-            0 => return Err(api_err(doing())(err)),
+            0 => {
+                return Err(api_err(format!(
+                    "{} (no droplet with tag {tag} shows yet; if one appears, `home-agent \
+                     destroy --name {edge}` removes it)",
+                    doing()
+                ))(err));
+            }
             1 => {
                 info!(id = found[0].id, "the droplet was created after all");
                 return Ok(found.remove(0));
@@ -860,7 +861,8 @@ async fn probe_edge(
             Ok(c) => c,
             Err(e) => break Err(ProbeFailure::Setup(e.to_string())),
         };
-        match tokio::time::timeout(PROBE_TIMEOUT.min(left), connecting).await {
+        let limit = PROBE_TIMEOUT.min(left);
+        match tokio::time::timeout(limit, connecting).await {
             Ok(Ok(conn)) => {
                 conn.close(quinn::VarInt::from_u32(0), b"probe done");
                 break Ok(());
@@ -872,7 +874,7 @@ async fn probe_edge(
                 break Err(ProbeFailure::Tls(c.to_string()));
             }
             Ok(Err(e)) => last = Some(e.to_string()),
-            Err(_) => last = Some(format!("no answer within {PROBE_TIMEOUT:?}")),
+            Err(_) => last = Some(format!("no answer within {limit:?}")),
         }
         let wait = pause
             .next_delay(1.0)
@@ -913,6 +915,7 @@ pub async fn bring_up(
         },
         other => other,
     })?;
+    let mut early = None;
     let (droplet, created) = match found {
         Found::Existing(d) => {
             progress(Phase::Reattached {
@@ -948,15 +951,20 @@ pub async fn bring_up(
             // Not raced against `cancel`: once the call is out, only its
             // answer tells which droplet to destroy.
             let d = create(api, &req, &edge_tag(name), name).await?;
-            save_record(state_dir, &DropletRecord::of(&d, None))?;
+            // A record that cannot be written is a failure like any other
+            // once the droplet exists: it goes through the cleanup below.
+            early = save_record(state_dir, &DropletRecord::of(&d, None)).err();
             progress(Phase::Created { id: d.id });
             (d, true)
         }
     };
-    let outcome = tokio::select! {
-        biased;
-        () = cancel.cancelled() => Err(DropletError::Cancelled),
-        r = finish(api, name, state_dir, pki, opts, &droplet, created, deadline, progress) => r,
+    let outcome = match early {
+        Some(e) => Err(e),
+        None => tokio::select! {
+            biased;
+            () = cancel.cancelled() => Err(DropletError::Cancelled),
+            r = finish(api, name, state_dir, pki, opts, &droplet, created, deadline, progress) => r,
+        },
     };
     let reason = match outcome {
         Ok(edge) => return Ok(edge),
