@@ -310,6 +310,7 @@ class Harness:
         env: dict[str, str] | None = None,
         stdout_pipe: bool = False,
         stdin_pipe: bool = False,
+        text_pipes: bool = False,
     ) -> Proc:
         full = (["ip", "netns", "exec", ns] if ns else []) + argv
         log_path = self.scratch / f"{name}.log"
@@ -324,6 +325,7 @@ class Harness:
             stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
             env=e,
             start_new_session=True,  # own process group: ends with its children
+            **({"text": True, "bufsize": 1} if text_pipes else {}),
         )
         logf.close()
         proc = Proc(name, p, role, log_path)

@@ -96,8 +96,8 @@ def availability(home_bin: str) -> str | None:
     return None
 
 
-def changes(agent: Agent, probe: subprocess.Popen, base_port: int, n: int, what: str) -> tuple[list[float], list[float]]:
-    lat, cmd = [], []
+def changes(agent: Agent, probe: subprocess.Popen, base_port: int, n: int, what: str) -> tuple[list[float], list[float], dict]:
+    lat, cmd, first_try, start = [], [], 0, []
     for i in range(n):
         port = base_port + i
         dt = agent.add(f"tcp/{port}=127.0.0.1:{S.ECHO_PORT}")
@@ -108,6 +108,8 @@ def changes(agent: Agent, probe: subprocess.Popen, base_port: int, n: int, what:
         if not ans or ans[0] != "ok":
             raise RuntimeError(f"{what}: port {port} never accepted after `ports add` returned ({' '.join(ans)})")
         lat.append(float(ans[1]))
+        first_try += ans[2] == "1"
+        start.append(float(ans[3]))
         cmd.append(dt)
         agent.rm(f"tcp/{port}")
         if (i + 1) % 50 == 0:
@@ -117,7 +119,7 @@ def changes(agent: Agent, probe: subprocess.Popen, base_port: int, n: int, what:
     probe.stdin.flush()  # type: ignore[union-attr]
     if probe.stdout.readline().strip() != "ok":  # type: ignore[union-attr]
         raise RuntimeError(f"{what}: port {base_port} still accepts after `ports rm`")
-    return lat, cmd
+    return lat, cmd, {"accepted_on_first_attempt": first_try, "probe_start_p50_s": statistics.median(start)}
 
 
 def count_ports(j) -> int | None:
@@ -130,6 +132,17 @@ def count_ports(j) -> int | None:
             if n is not None:
                 return n
     return None
+
+
+def baseline(probe: subprocess.Popen, port: int, n: int = 30) -> float:
+    """Median time for the probe to connect to a port that is already open."""
+    xs = []
+    for _ in range(n):
+        probe.stdin.write(f"one {port} {time.monotonic():.9f}\n")  # type: ignore[union-attr]
+        ans = probe.stdout.readline().split()  # type: ignore[union-attr]
+        if ans and ans[0] == "ok":
+            xs.append(float(ans[1]))
+    return statistics.median(xs) if xs else float("nan")
 
 
 def row(label: str, xs: list[float]) -> dict:
@@ -173,13 +186,16 @@ def main() -> int:
     agent = Agent(sk, h)
     wait_until(lambda: agent.status(), 20, "home-agent status --json")
     probe = h.spawn(h.client, [sys.executable, str(BENCH_DIR / "port_probe.py"), EDGE_PUBLIC_IP], "port-probe",
-                    stdout_pipe=True, stdin_pipe=True)
-    probe.popen.stdin = open(probe.popen.stdin.fileno(), "w", buffering=1, closefd=False)  # type: ignore[union-attr]
-    probe.popen.stdout = open(probe.popen.stdout.fileno(), "r", closefd=False)  # type: ignore[union-attr]
+                    stdout_pipe=True, stdin_pipe=True, text_pipes=True)
     rows, extra = [], {}
     try:
         log(f"port changes with a 1-entry map ({n} changes)")
-        lat1, cmd1 = changes(agent, probe.popen, 20000, n, "1-entry map")
+        lat1, cmd1, d1 = changes(agent, probe.popen, 20000, n, "1-entry map")
+        b1 = baseline(probe.popen, S.ECHO_PORT)
+        extra["1-entry map, probe"] = (f"the same probe connecting to a port that was open all along takes {ms(b1)} (p50); "
+                                       f"{d1['accepted_on_first_attempt']} of {n} ports accepted the probe's first connection "
+                                       f"attempt (the port was already open when `ports add` returned); the probe's first "
+                                       f"attempt started {ms(d1['probe_start_p50_s'])} (p50) after the return")
         rows += [row("1-entry map: `ports add` returned → port accepts", lat1),
                  row("1-entry map: `ports add` command wall time", cmd1)]
 
@@ -202,7 +218,10 @@ def main() -> int:
         result["status_ports_after_apply"] = count_ports(st)
 
         log(f"port changes with a {a.entries}-entry map ({n} changes)")
-        latk, cmdk = changes(agent, probe.popen, 20000, n, f"{a.entries}-entry map")
+        latk, cmdk, dk = changes(agent, probe.popen, 20000, n, f"{a.entries}-entry map")
+        bk = baseline(probe.popen, big[0])
+        extra[f"{a.entries}-entry map, probe"] = (f"a port open all along: {ms(bk)} (p50); {dk['accepted_on_first_attempt']} of {n} accepted the first attempt; "
+                                                  f"first attempt {ms(dk['probe_start_p50_s'])} (p50) after the return")
         rows += [row(f"{a.entries}-entry map: `ports add` returned → port accepts", latk),
                  row(f"{a.entries}-entry map: `ports add` command wall time", cmdk)]
         result.update(available=True, rows=rows, extra=extra)

@@ -36,15 +36,19 @@ def try_connect(port: int) -> bool:
 
 
 def wait_open(ports: list[int], t0: float) -> str:
+    """Answers "ok ELAPSED ATTEMPTS START" (START: t0 to the first attempt)."""
     left = list(ports)
+    attempts = 0
+    start = time.monotonic() - t0
     while left:
+        attempts += 1
         if try_connect(left[0]):
             left.pop(0)
             continue
         if time.monotonic() - t0 > LIMIT:
             return f"timeout {time.monotonic() - t0:.6f} {len(left)}"
         time.sleep(0.0002)
-    return f"ok {time.monotonic() - t0:.6f}"
+    return f"ok {time.monotonic() - t0:.6f} {attempts} {start:.6f}"
 
 
 for line in sys.stdin:

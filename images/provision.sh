@@ -90,12 +90,14 @@ done
 if [ -d /etc/chrony ]; then
   install -d /etc/chrony/conf.d
   printf 'cmdport 0\n' >/etc/chrony/conf.d/skerry-edge.conf
+  [ "$SKERRY_TARGET" = image ] || systemctl try-restart chrony.service || true
 fi
 # systemd-resolved's stub stays on 127.0.0.53 (loopback); LLMNR and mDNS,
 # which listen on every interface, go.
 if systemctl cat systemd-resolved.service >/dev/null 2>&1; then
   install -d /etc/systemd/resolved.conf.d
   printf '[Resolve]\nLLMNR=no\nMulticastDNS=no\n' >/etc/systemd/resolved.conf.d/skerry-edge.conf
+  [ "$SKERRY_TARGET" = image ] || systemctl try-restart systemd-resolved.service || true
 fi
 
 # --- SSH: off, or key only ------------------------------------------------

@@ -189,7 +189,13 @@ async fn tcp_flow(mut tunnel: TcpStream, fwd: &Forwarding) -> anyhow::Result<()>
         if !early.is_empty() {
             out.write_all(&early).await?;
         }
-        let (up, down) = tokio::io::copy_bidirectional_with_sizes(&mut tunnel, &mut out, skerry::flow::RELAY_BUFFER, skerry::flow::RELAY_BUFFER).await?;
+        let (up, down) = tokio::io::copy_bidirectional_with_sizes(
+            &mut tunnel,
+            &mut out,
+            skerry::flow::RELAY_BUFFER,
+            skerry::flow::RELAY_BUFFER,
+        )
+        .await?;
         trace!(%target, up, down, "flow closed");
         Ok(())
     }

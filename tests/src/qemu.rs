@@ -84,8 +84,8 @@ pub fn build_musl_edge_agent() -> PathBuf {
         .unwrap_or_else(|e| panic!("cannot run cargo to build the musl edge-agent: {e}"));
     assert!(
         status.success(),
-        "building the musl edge-agent failed ({status}); is the {TARGET} target installed? \
-         {INSTALL_HINT}"
+        "building the musl edge-agent failed ({status}); cargo's messages are above (a \
+         missing {TARGET} target: run scripts/install-deps)"
     );
     root.join("target").join(TARGET).join("release/edge-agent")
 }

@@ -310,14 +310,25 @@ async fn send_one(ctx: &Context, packet: &[u8], to: SocketAddr) {
     }
 }
 
+/// Room for one encrypted datagram of an MTU-sized packet (1420 + 32).
+const DATAGRAM_SLOT: usize = 1500;
+/// UDP GSO limits: at most 64 segments, and the whole send fits one
+/// 64 KiB datagram.
+const GSO_MAX_SEGMENTS: usize = 64;
+const GSO_MAX_BYTES: usize = 65_000;
+
 /// TUN → encrypt → UDP. One TUN read yields a batch (TSO super-packets are
-/// split into MTU packets by tun-rs), encrypted under one lock.
+/// split into MTU packets by tun-rs), encrypted under one lock into one
+/// contiguous buffer, and sent with UDP GSO: one system call for a run of
+/// equal-sized datagrams instead of one each.
 async fn send_pipeline(ctx: Arc<Context>, shutdown: CancellationToken) {
     let mut original = vec![0u8; OFFSET + 65535 + 64];
     let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; OFFSET + 65535]).collect();
     let mut sizes = vec![0usize; BATCH];
-    let mut out: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; MAX_PACKET + 32]).collect();
-    let mut lens = vec![0usize; BATCH];
+    let mut out = vec![0u8; BATCH * DATAGRAM_SLOT];
+    let mut lens: Vec<usize> = Vec::with_capacity(BATCH);
+    let mut large = vec![0u8; MAX_PACKET + 32];
+    let mut gso = true;
     loop {
         let n = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -329,40 +340,114 @@ async fn send_pipeline(ctx: Arc<Context>, shutdown: CancellationToken) {
                 }
             },
         };
-        let (to, count) = {
+        lens.clear();
+        let mut oversized: Vec<Vec<u8>> = Vec::new();
+        let to = {
             let mut sh = ctx.lock();
             let to = sh.endpoint;
             let Some(tunn) = sh.tunn.as_mut() else {
                 trace!("no tunnel peer yet; dropping outbound packets");
                 continue;
             };
-            let mut count = 0;
+            let mut pos = 0;
             for i in 0..n {
                 let packet = &bufs[i][OFFSET..OFFSET + sizes[i]];
-                match tunn.encapsulate(packet, &mut out[count]) {
-                    TunnResult::WriteToNetwork(p) => {
-                        lens[count] = p.len();
-                        count += 1;
+                // The common case writes straight into the contiguous buffer.
+                let fits = packet.len() + 32 <= DATAGRAM_SLOT;
+                let dst: &mut [u8] = if fits {
+                    &mut out[pos..pos + DATAGRAM_SLOT]
+                } else {
+                    &mut large
+                };
+                match tunn.encapsulate(packet, dst) {
+                    TunnResult::WriteToNetwork(p) if fits => {
+                        lens.push(p.len());
+                        pos += p.len();
                     }
+                    TunnResult::WriteToNetwork(p) => oversized.push(p.to_vec()),
                     TunnResult::Err(e) => debug!(error = ?e, "encapsulate failed"),
                     _ => {}
                 }
             }
-            (to, count)
+            to
         };
         let Some(to) = to else {
             trace!("peer endpoint not known yet; dropping outbound datagrams");
             continue;
         };
         let mut sent = 0u64;
-        for (buf, &len) in out.iter().zip(&lens).take(count) {
-            match ctx.udp.send_to(&buf[..len], to).await {
-                Ok(n) => sent += n as u64,
-                Err(e) => debug!(%to, error = %e, "tunnel send failed"),
+        let mut pos = 0;
+        let mut i = 0;
+        while i < lens.len() {
+            // A run: equal-sized datagrams, the last of which may be shorter.
+            let seg = lens[i];
+            let mut end = i + 1;
+            let mut bytes = seg;
+            while end < lens.len()
+                && end - i < GSO_MAX_SEGMENTS
+                && bytes + lens[end] <= GSO_MAX_BYTES
+                && lens[end] <= seg
+            {
+                bytes += lens[end];
+                end += 1;
+                if lens[end - 1] < seg {
+                    break;
+                }
+            }
+            let run = &out[pos..pos + bytes];
+            if gso && end - i > 1 {
+                match send_gso(&ctx.udp, run, seg, to).await {
+                    Ok(n) => sent += n as u64,
+                    Err(e) if matches!(e.raw_os_error(), Some(code) if code == nix::libc::EIO || code == nix::libc::EINVAL) =>
+                    {
+                        info!(error = %e, "UDP GSO unavailable on this path; sending datagrams one by one");
+                        gso = false;
+                        continue;
+                    }
+                    Err(e) => debug!(%to, error = %e, "tunnel send failed"),
+                }
+            } else {
+                let mut at = 0;
+                for &len in &lens[i..end] {
+                    match ctx.udp.send_to(&run[at..at + len], to).await {
+                        Ok(n) => sent += n as u64,
+                        Err(e) => debug!(%to, error = %e, "tunnel send failed"),
+                    }
+                    at += len;
+                }
+            }
+            pos += bytes;
+            i = end;
+        }
+        for d in &oversized {
+            if let Ok(n) = ctx.udp.send_to(d, to).await {
+                sent += n as u64;
             }
         }
         ctx.lock().stats.tx_bytes += sent;
     }
+}
+
+/// One `sendmsg` with `UDP_SEGMENT`: the kernel cuts `run` into datagrams
+/// of `segment` bytes.
+async fn send_gso(
+    udp: &UdpSocket,
+    run: &[u8],
+    segment: usize,
+    to: SocketAddr,
+) -> std::io::Result<usize> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrStorage, sendmsg};
+    use std::os::fd::AsRawFd;
+    let seg = u16::try_from(segment)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let addr = SockaddrStorage::from(to);
+    udp.async_io(tokio::io::Interest::WRITABLE, || {
+        let iov = [std::io::IoSlice::new(run)];
+        let cmsg = [ControlMessage::UdpGsoSegments(&seg)];
+        sendmsg(udp.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), Some(&addr))
+            .map_err(std::io::Error::from)
+    })
+    .await
 }
 
 /// UDP → decrypt → TUN. Gathers the datagrams that are waiting, decrypts
