@@ -166,3 +166,54 @@ fn stream_ending_inside_a_frame_is_an_error() {
         assert!(reader.next().await.is_err());
     });
 }
+
+#[test]
+fn wireguard_from_a_key_not_announced_is_ignored() {
+    use boringtun::noise::{Tunn, TunnResult};
+    use boringtun::x25519::{PublicKey, StaticSecret};
+    skerry_tests::init_tracing();
+    let pair = Pair::start(&[&format!("tcp/9000={TCP_TARGET}")]);
+    let _svc = spawn_in(&pair.topo.home, || async {
+        tcp_digest_server(TcpListener::bind(TCP_TARGET).await.expect("bind")).await;
+    });
+    let edge_key = pair
+        .status
+        .borrow()
+        .tunnel_handle
+        .as_ref()
+        .and_then(|t| t.stats().peer_key)
+        .expect("the home tunnel knows the edge's key");
+    let v4 = pair.topo.edge_public_v4;
+    run_in(&pair.topo.client, move || async move {
+        // A stranger who knows the edge's public key (it is not secret) and
+        // its WireGuard port tries a handshake: the edge must not answer.
+        let mut rogue = Tunn::new(
+            StaticSecret::random(),
+            PublicKey::from(edge_key),
+            None,
+            None,
+            7,
+            None,
+        );
+        let mut buf = vec![0u8; 2048];
+        let TunnResult::WriteToNetwork(init) = rogue.format_handshake_initiation(&mut buf, false)
+        else {
+            panic!("no handshake initiation");
+        };
+        let sock = tokio::net::UdpSocket::bind("0.0.0.0:0").await.unwrap();
+        sock.send_to(init, (v4, skerry::bootstrap::DEFAULT_WIREGUARD_PORT))
+            .await
+            .unwrap();
+        let mut reply = [0u8; 2048];
+        let answered =
+            tokio::time::timeout(Duration::from_secs(2), sock.recv_from(&mut reply)).await;
+        assert!(
+            answered.is_err(),
+            "the edge answered a handshake from an unknown key"
+        );
+        // The real tunnel is undisturbed.
+        tcp_digest_client(SocketAddr::from((v4, 9000)), 1 << 20, [9; 32])
+            .await
+            .expect("the real tunnel still carries flows");
+    });
+}
