@@ -44,6 +44,7 @@ class Config:
         self.rtt_count = 2000
         self.conn_count = 2000 if a.quick else 5000
         self.conn_concurrency = 8
+        self.perf = [x for x in (a.perf or "").split(",") if x]
 
 
 def in_client(h: Harness, argv: list[str], timeout: float) -> subprocess.CompletedProcess:
@@ -177,6 +178,38 @@ def wait_ready(h: Harness, ep: S.Endpoints, setup: S.Setup) -> None:
                    30, f"{setup.name}: UDP echo through the path", interval=0.3)
 
 
+def start_perf(h: Harness, setup: S.Setup, sampler: Sampler, cfg: Config) -> list:
+    """With --perf: `perf record` the setup's edge and home processes during TCP 1 stream up."""
+    if setup.name not in cfg.perf or not tool("perf"):
+        return []
+    out = []
+    for role in ("edge", "home"):
+        pids = sampler.trees[role].roots
+        if not pids:
+            continue
+        data = h.scratch / f"perf-{setup.name}-{role}.data"
+        p = h.spawn(None, ["perf", "record", "-q", "-F", "499", "-g", "-o", str(data), "-p", ",".join(map(str, pids)),
+                           "--", "sleep", str(cfg.tcp_secs)], f"perf-{setup.name}-{role}")
+        out.append((role, p, data))
+    return out
+
+
+def finish_perf(h: Harness, setup: S.Setup, perf: list) -> None:
+    for role, p, data in perf:
+        try:
+            p.popen.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+        h.stop(p, sig=2, grace=5)
+        dest = BENCH_DIR / "results" / f"perf-{setup.name}-{role}.txt"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        for sort, suffix in (("dso,symbol", ""), ("comm,dso", "-by-dso")):
+            r = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children", "--sort", sort,
+                                "-g", "none", "--percent-limit", "0.5"], capture_output=True, text=True, timeout=120)
+            dest.with_name(dest.stem + suffix + ".txt").write_text(r.stdout[:200_000] or r.stderr)
+        log(f"  perf profile of {setup.name} {role}: {dest}")
+
+
 def measure(h: Harness, setup: S.Setup, cfg: Config) -> dict:
     res: dict = {"errors": [], "cpu": {}, "load_before": os.getloadavg()}
     sampler = Sampler()
@@ -208,7 +241,9 @@ def measure(h: Harness, setup: S.Setup, cfg: Config) -> dict:
         for streams in (1, 8):
             for rev in (False, True):
                 key = f"tcp{streams}_{'down' if rev else 'up'}"
+                perf = start_perf(h, setup, sampler, cfg) if key == "tcp1_up" else []
                 v = timed(key, lambda: tcp_test(h, ep.host, cfg, streams, rev))
+                finish_perf(h, setup, perf)
                 if v:
                     res[key] = v["gbps"]
                     res[key + "_retr"] = v["retransmits"]
@@ -294,6 +329,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="one short run: a smoke test")
     ap.add_argument("--duration", type=int, help="seconds per TCP test (default 8; 3 with --quick)")
     ap.add_argument("--setups", default=",".join(S.ALL), help=f"comma-separated, from: {','.join(S.ALL)}")
+    ap.add_argument("--perf", default="", help="comma-separated setups to profile with perf during TCP 1 stream up "
+                    "(reports in bench/results/perf-*.txt)")
     ap.add_argument("--out", default=str(BENCH_DIR / "RESULTS.md"), help="the report to write")
     ap.add_argument("--json", default=str(BENCH_DIR / "results" / "latest.json"))
     a = ap.parse_args()

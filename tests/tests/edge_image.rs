@@ -142,13 +142,20 @@ fn edge_image_boots_under_qemu_and_serves_tcp_and_udp() {
     };
 
     // Boot to ready: qemu's start until the edge has opened the ports.
+    // On the way, when the edge first asked for its user data and when it
+    // logged (on the serial console) that it is ready; the home-agent's
+    // reconnect backoff comes on top of the latter.
     let mut first_fetch = None;
+    let mut agent_ready = None;
     let applied = loop {
         if let Some(applied) = status.borrow_and_update().applied.clone() {
             break applied;
         }
         if first_fetch.is_none() && fetched_user_data(&metadata_log) {
             first_fetch = Some(vm.started().elapsed());
+        }
+        if agent_ready.is_none() && vm.serial().contains("edge-agent ready") {
+            agent_ready = Some(vm.started().elapsed());
         }
         if let Some(exit) = vm.exited() {
             panic!(
@@ -197,14 +204,18 @@ fn edge_image_boots_under_qemu_and_serves_tcp_and_udp() {
     run_in(&ns, move || async move { udp_round_trip(udp_public).await });
     let udp_time = udp_started.elapsed();
 
+    let seen = |t: Option<Duration>| {
+        t.map_or("(not seen before ready)".into(), |t| {
+            format!("{:.1} s", t.as_secs_f64())
+        })
+    };
     eprintln!(
-        "edge image timings: build {:.1} s; boot to metadata fetch {}; boot to ready \
-         (ports live) {:.1} s; TCP 256 KiB each way {:.2} s; UDP round trip {:.2} s",
+        "edge image timings: build {:.1} s; boot to metadata fetch {}; boot to edge-agent \
+         ready {}; boot to ready (ports live at home) {:.1} s; TCP 256 KiB each way {:.2} s; \
+         UDP round trip {:.2} s",
         image.build_time.as_secs_f64(),
-        first_fetch.map_or("(not seen before ready)".into(), |t| format!(
-            "{:.1} s",
-            t.as_secs_f64()
-        )),
+        seen(first_fetch),
+        seen(agent_ready),
         ready.as_secs_f64(),
         tcp_time.as_secs_f64(),
         udp_time.as_secs_f64(),
@@ -213,6 +224,11 @@ fn edge_image_boots_under_qemu_and_serves_tcp_and_udp() {
     home_stop.cancel();
     drop(home);
     drop(vm);
+    // The last good boot's console, for a look at the boot's timeline.
+    let kept = qemu::workspace_root().join("target/skerry-image-cache/last-boot.serial.log");
+    if let Err(e) = std::fs::copy(work.join("serial.log"), &kept) {
+        eprintln!("cannot keep the serial log as {}: {e}", kept.display());
+    }
     drop(services);
     drop(metadata);
     drop(ns);
