@@ -448,3 +448,54 @@ fn an_edge_restart_is_rebuilt_from_home() {
     });
     assert_eq!(word, "new target");
 }
+
+#[test]
+fn idle_udp_flows_expire() {
+    skerry_tests::init_tracing();
+    let pair = Pair::start_with(
+        &["udp/9005=127.0.0.1:8005"],
+        PairOptions {
+            udp_idle: Duration::from_secs(1),
+            ..PairOptions::default()
+        },
+    );
+    let _echo = spawn_in(&pair.topo.home, || async {
+        skerry_tests::udp_echo_server(tokio::net::UdpSocket::bind("127.0.0.1:8005").await.unwrap())
+            .await;
+    });
+    let v4 = pair.topo.edge_public_v4;
+    run_in(&pair.topo.client, move || async move {
+        for k in 0..3u8 {
+            let s = tokio::net::UdpSocket::bind("0.0.0.0:0").await.unwrap();
+            s.connect((v4, 9005)).await.unwrap();
+            let mut buf = [0u8; 16];
+            let mut ok = false;
+            for _ in 0..5 {
+                s.send(&[k; 8]).await.unwrap();
+                if let Ok(Ok(n)) =
+                    tokio::time::timeout(Duration::from_secs(1), s.recv(&mut buf)).await
+                {
+                    ok = n == 8;
+                    break;
+                }
+            }
+            assert!(ok, "no echo from client port {k}");
+        }
+    });
+    let flows = || {
+        pair.status_report()
+            .ports
+            .iter()
+            .find(|p| p.key == "udp/9005")
+            .map_or(0, |p| p.open_flows)
+    };
+    assert_eq!(flows(), 3, "one flow per client address");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while flows() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "idle UDP flows did not expire"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
