@@ -82,9 +82,11 @@ if [[ -n $rev ]]; then
     mkdir -p "$src"
     git archive "$sha" | tar -x -C "$src"
   fi
-  if [[ $install -eq 1 || ! -x "$TOOLS/skerry-target/release/home-agent" ]]; then
+  stamp="$TOOLS/skerry-target/release/.skb-rev"
+  if [[ $install -eq 1 || "$(cat "$stamp" 2>/dev/null)" != "$sha" ]]; then
     echo "building skerry $rev (${sha:0:12}) in $src"
     (cd "$src" && cargo build --quiet --release -p edge-agent -p home-agent --target-dir "$PWD/../../skerry-target")
+    echo "$sha" > "$stamp"
   fi
   export SKB_SKERRY_BIN_DIR="$PWD/$TOOLS/skerry-target/release"
   export SKB_SKERRY_DESC="$(git log -1 --format='%h %cs' "$sha") (--skerry-rev $rev)"

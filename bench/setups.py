@@ -293,6 +293,8 @@ class Innisfree(Setup):
              "persistent-keepalive", "25"])
         run(["ip", "-n", h.home, "addr", "add", f"{h_ip}/24", "dev", h_if])
         run(["ip", "-n", h.home, "link", "set", h_if, "mtu", "1420", "up"])
+        # start the handshake now rather than at the first keepalive timer (boringtun waits 25 s)
+        run(["ip", "netns", "exec", h.home, tool("skb-loadgen") or "true", "udpping", f"{e_ip}:9"], check=False)
 
         # home: socat from the tunnel address to the service on 127.0.0.1
         for port in (IPERF_PORT, ECHO_PORT):

@@ -55,8 +55,10 @@ say "installed $version"
 install -D -m 0644 "$SKERRY_SRC/edge-agent.service" /etc/systemd/system/edge-agent.service
 # The TUN driver is a module in Debian's kernels; load it at boot, since the
 # sandboxed agent may not load modules itself.
-install -d /etc/modules-load.d
+install -d /etc/modules-load.d /etc/modprobe.d
 echo tun >/etc/modules-load.d/skerry-edge.conf
+# The edge runs no virtual machines: no /dev/kvm.
+printf 'blacklist kvm_intel\nblacklist kvm_amd\nblacklist kvm\n' >/etc/modprobe.d/skerry-edge.conf
 systemctl enable edge-agent.service
 
 # --- kernel settings ----------------------------------------------------
@@ -172,6 +174,10 @@ CONF
   # Without dbus and logind, Debian's getty-static starts gettys on tty2-6
   # as well: tty1 and the serial console are enough.
   systemctl mask getty-static.service >/dev/null
+  # No DNS and nothing to update in place (the image is rebuilt instead),
+  # no LVM for e2scrub: timers that would only wake up to fail.
+  systemctl mask apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer \
+    e2scrub_reap.service >/dev/null
   echo skerry-edge >/etc/hostname
   printf '127.0.0.1\tlocalhost\n127.0.1.1\tskerry-edge\n::1\tlocalhost ip6-localhost ip6-loopback\n' >/etc/hosts
   # No password for anyone: the console shows the agent's logs, SSH (if on)

@@ -202,7 +202,8 @@ impl Vm {
     /// Starts `qemu-system-x86_64` in `ns` (`ip netns exec` and `setpriv`
     /// both exec in place, so the child's PID is qemu's; qemu gets SIGKILL
     /// if the thread that started it dies first): TCG, no display, the
-    /// serial console to [`VmConfig::serial_log`], the disk copy-on-write
+    /// serial console to [`VmConfig::serial_log`], no default devices (no
+    /// VGA, CD-ROM or monitor), the disk copy-on-write
     /// (`snapshot=on`: the image file is never written), user networking
     /// with the forwards, and `-no-reboot`, so that a guest that panics or
     /// reboots ends qemu instead of looping.
@@ -229,14 +230,7 @@ impl Vm {
         // emulating a machine forever in a namespace nobody owns.
         cmd.args(["netns", "exec", ns.name()])
             .args(["setpriv", "--pdeathsig", "KILL", "qemu-system-x86_64"])
-            .args([
-                "-accel",
-                "tcg",
-                "-nographic",
-                "-monitor",
-                "none",
-                "-no-reboot",
-            ])
+            .args(["-accel", "tcg", "-nographic", "-nodefaults", "-no-reboot"])
             .args(["-m", &config.memory_mib.to_string()])
             .args(["-smp", &config.cpus.to_string()])
             .args(["-serial", &serial])
