@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -210,6 +211,16 @@ def finish_perf(h: Harness, setup: S.Setup, perf: list) -> None:
         log(f"  perf profile of {setup.name} {role}: {dest}")
 
 
+def keep_logs(setup: S.Setup, paths: list[Path]) -> None:
+    """A figure failed: keep the logs of that setup's processes for a look."""
+    dest = BENCH_DIR / "results" / "logs" / f"{setup.name}-{time.strftime('%H%M%S')}"
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in paths:
+        if p.exists():
+            shutil.copy(p, dest / p.name)
+    log(f"  logs of {setup.name} kept in {dest}")
+
+
 def measure(h: Harness, setup: S.Setup, cfg: Config) -> dict:
     res: dict = {"errors": [], "cpu": {}, "load_before": os.getloadavg()}
     sampler = Sampler()
@@ -278,10 +289,13 @@ def measure(h: Harness, setup: S.Setup, cfg: Config) -> dict:
         for role in ("edge", "home"):
             if sampler.has(role):
                 res[f"{role}_rss_mib"] = sampler.peak_kb[role] / 1024
+        logs = [p.log_path for p in setup.procs]
         try:
             setup.stop(h)
         except Exception as e:  # noqa: BLE001
             res["errors"].append(f"stop: {e}")
+        if res["errors"]:
+            keep_logs(setup, logs + [h.scratch / "iperf3-server.log"])
         if services:
             services.stop()
     return res

@@ -14,6 +14,7 @@ METRICS = [
     ("tcp1_down", "TCP 1 stream, home→client (-R)", "Gbit/s", True, "{:.2f}"),
     ("tcp8_up", "TCP 8 streams, client→home", "Gbit/s", True, "{:.2f}"),
     ("tcp8_down", "TCP 8 streams, home→client (-R)", "Gbit/s", True, "{:.2f}"),
+    ("tcp1_up_retr", "TCP retransmits, 1 stream up (whole test)", "count", False, "{:.0f}"),
     ("udp_mbps", "UDP, highest rate with <1% loss", "Mbit/s", True, "{:.0f}"),
     ("rtt_p50_us", "Round trip 64 B, p50", "µs", False, "{:.0f}"),
     ("rtt_p99_us", "Round trip 64 B, p99", "µs", False, "{:.0f}"),
@@ -156,7 +157,7 @@ COLORS = {
 
 def chart_svg(data: dict, med: dict) -> str:
     names = list(data["results"].keys())
-    shown = [m for m in METRICS if m[0] not in ("home_cpu_tcp8_up",)]
+    shown = [m for m in METRICS if m[0] not in ("home_cpu_tcp8_up", "tcp1_up_retr")]
     cols = 3
     pw, bar_h, gap = 400, 16, 4
     ph = 40 + len(names) * (bar_h + gap) + 10

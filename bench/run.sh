@@ -19,6 +19,9 @@ cd "$(dirname "$0")/.."
 BENCH=bench
 TOOLS="$BENCH/.tools"
 export PATH="$PATH:$HOME/.cargo/bin:/root/.cargo/bin"
+if [[ -n ${SUDO_USER:-} ]]; then  # sudo from a user whose Rust lives in their home
+  PATH="$PATH:$(getent passwd "$SUDO_USER" | cut -d: -f6)/.cargo/bin"
+fi
 
 if [[ $EUID -ne 0 ]]; then
   echo "bench/run.sh: needs root (network namespaces, TUN devices): sudo bench/run.sh $*" >&2
