@@ -79,7 +79,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
-        tokio::spawn(stop_on_signal(shutdown.clone()));
+        tokio::spawn(skerry::shutdown::on_signal(shutdown.clone()));
         let bootstrap = match from_file {
             Some(b) => b,
             None => {
@@ -95,21 +95,4 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         opts.udp_idle = udp_idle;
         edge_agent::run(opts, shutdown).await
     })
-}
-
-/// SIGINT and SIGTERM both stop the agent cleanly.
-async fn stop_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
-    }
-    tracing::info!("signal received; shutting down");
-    shutdown.cancel();
 }

@@ -271,7 +271,7 @@ fn connect(
             // Ctrl-C while provisioning: bring_up destroys what it made.
             let cancel = CancellationToken::new();
             let provisioned = runtime.block_on(async {
-                tokio::spawn(stop_on_signal(cancel.clone()));
+                tokio::spawn(skerry::shutdown::on_signal(cancel.clone()));
                 home_agent::provision::connect(
                     &tuning.droplet,
                     &name,
@@ -296,7 +296,7 @@ fn connect(
     };
     let result = runtime.block_on(async {
         let shutdown = CancellationToken::new();
-        tokio::spawn(stop_on_signal(shutdown.clone()));
+        tokio::spawn(skerry::shutdown::on_signal(shutdown.clone()));
         let (map_tx, map_rx) = watch::channel(map.clone());
         let (status_tx, status_rx) = watch::channel(HomeStatus::default());
         let controller = Arc::new(admin::Controller::new(
@@ -580,20 +580,4 @@ async fn report_progress(
         );
     }
     Ok(refused)
-}
-
-/// SIGINT and SIGTERM both stop the agent cleanly.
-async fn stop_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
-    }
-    shutdown.cancel();
 }

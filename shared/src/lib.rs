@@ -13,6 +13,7 @@
 //! | [`paths`] | state, config and runtime locations; the lock that keeps one agent per edge |
 //! | [`tunnel`] | the WireGuard data plane: boringtun over a TUN device set up with rtnetlink |
 //! | [`netns`] | network namespaces: the embedded local edge and the tests |
+//! | [`shutdown`] | SIGINT and SIGTERM to a cancellation token |
 //!
 //! What it does not do: open public listeners (the edge-agent does) or
 //! connect to targets (the home-agent does).
@@ -27,5 +28,6 @@ pub mod paths;
 pub mod pki;
 pub mod portmap;
 pub mod protocol;
+pub mod shutdown;
 pub mod tls;
 pub mod tunnel;
