@@ -72,8 +72,20 @@ pub fn workspace_root() -> PathBuf {
 /// --release --target x86_64-unknown-linux-musl -p edge-agent`; a no-op when
 /// it is up to date, as in CI, which builds it first) and returns its path.
 /// Panics with cargo's exit status if the build fails (its output is shown).
+///
+/// `SKERRY_MUSL_EDGE_AGENT`, when set, names a binary already built (CI sets
+/// it after its own musl build): a nested cargo run from inside `cargo test`
+/// sees a different environment and rebuilds the whole release profile.
 pub fn build_musl_edge_agent() -> PathBuf {
     const TARGET: &str = "x86_64-unknown-linux-musl";
+    if let Some(prebuilt) = std::env::var_os("SKERRY_MUSL_EDGE_AGENT").map(PathBuf::from) {
+        assert!(
+            prebuilt.is_file(),
+            "SKERRY_MUSL_EDGE_AGENT={} is not a file: build it with `cargo build --release --target {TARGET} -p edge-agent`",
+            prebuilt.display()
+        );
+        return prebuilt;
+    }
     let root = workspace_root();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
