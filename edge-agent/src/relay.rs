@@ -193,6 +193,7 @@ pub async fn udp_receive_loop(
     stop: CancellationToken,
 ) {
     let mut buf = vec![0u8; MAX_DATAGRAM_HEADER_LEN + MAX_UDP_PAYLOAD];
+    let mut header = Vec::with_capacity(MAX_DATAGRAM_HEADER_LEN);
     loop {
         let received = tokio::select! {
             () = stop.cancelled() => break,
@@ -222,7 +223,7 @@ pub async fn udp_receive_loop(
             }
         };
         // Write the header just before the payload, avoiding a copy.
-        let mut header = Vec::with_capacity(MAX_DATAGRAM_HEADER_LEN);
+        header.clear();
         DatagramHeader {
             flow_id,
             public_port: port.port,

@@ -320,6 +320,7 @@ async fn open_udp_flow(
         async move {
             let _guard = FlowGuard::new(&fwd, (Protocol::Udp, header.public_port));
             let mut buf = vec![0u8; MAX_DATAGRAM_HEADER_LEN + 65536];
+            let mut h = Vec::with_capacity(MAX_DATAGRAM_HEADER_LEN);
             let idle = fwd.udp_idle;
             loop {
                 let now = elapsed_ms(started);
@@ -345,7 +346,7 @@ async fn open_udp_flow(
                     Ok(Ok(n)) => n,
                 };
                 last_seen.store(elapsed_ms(started), Ordering::Relaxed);
-                let mut h = Vec::with_capacity(MAX_DATAGRAM_HEADER_LEN);
+                h.clear();
                 header.encode(&mut h);
                 let start = MAX_DATAGRAM_HEADER_LEN - h.len();
                 buf[start..MAX_DATAGRAM_HEADER_LEN].copy_from_slice(&h);

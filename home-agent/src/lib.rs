@@ -60,10 +60,16 @@ pub fn tun_name(name: &EdgeName) -> String {
     if n.len() <= 12 {
         format!("sk-{n}")
     } else {
-        let mut h: u32 = 2_166_136_261;
-        for b in n.bytes() {
-            h = (h ^ u32::from(b)).wrapping_mul(16_777_619);
-        }
-        format!("sk-{:08x}", h)
+        format!("sk-{:08x}", name_hash(n))
     }
+}
+
+/// FNV-1a of an edge name: stable short identifiers (device names, local
+/// subnets) that differ between names.
+pub(crate) fn name_hash(name: &str) -> u32 {
+    let mut h: u32 = 2_166_136_261;
+    for b in name.bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(16_777_619);
+    }
+    h
 }

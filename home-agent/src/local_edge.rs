@@ -141,9 +141,5 @@ impl Drop for LocalEdge {
 /// A small number derived from the name, so that two local edges of
 /// different names get different links and subnets.
 fn slot(name: &str) -> u32 {
-    let mut h: u32 = 2_166_136_261;
-    for b in name.bytes() {
-        h = (h ^ u32::from(b)).wrapping_mul(16_777_619);
-    }
-    h % 16_384
+    crate::name_hash(name) % 16_384
 }
