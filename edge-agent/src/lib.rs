@@ -96,7 +96,8 @@ pub async fn run(opts: EdgeOptions, shutdown: CancellationToken) -> anyhow::Resu
         },
         None,
         shutdown.child_token(),
-    );
+    )
+    .context("setting up the tunnel's UDP socket")?;
 
     // UDP flows leave from the WireGuard port on the tunnel address: a
     // port that is reserved anyway, so no public port is taken by it.

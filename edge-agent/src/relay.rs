@@ -174,13 +174,7 @@ async fn tcp_flow(
     }
     .encode(&mut header);
     home.write_all(&header).await?;
-    let (up, down) = tokio::io::copy_bidirectional_with_sizes(
-        &mut client_stream,
-        &mut home,
-        skerry::flow::RELAY_BUFFER,
-        skerry::flow::RELAY_BUFFER,
-    )
-    .await?;
+    let (up, down) = skerry::relay::relay_tcp(&mut client_stream, &mut home).await?;
     trace!(up, down, "flow closed");
     Ok(())
 }

@@ -189,13 +189,7 @@ async fn tcp_flow(mut tunnel: TcpStream, fwd: &Forwarding) -> anyhow::Result<()>
         if !early.is_empty() {
             out.write_all(&early).await?;
         }
-        let (up, down) = tokio::io::copy_bidirectional_with_sizes(
-            &mut tunnel,
-            &mut out,
-            skerry::flow::RELAY_BUFFER,
-            skerry::flow::RELAY_BUFFER,
-        )
-        .await?;
+        let (up, down) = skerry::relay::relay_tcp(&mut tunnel, &mut out).await?;
         trace!(%target, up, down, "flow closed");
         Ok(())
     }

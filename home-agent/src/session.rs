@@ -274,7 +274,8 @@ async fn ensure_plane(
         },
         Some(welcome.wireguard_key),
         shutdown.child_token(),
-    );
+    )
+    .context("setting up the tunnel's UDP socket")?;
     let fwd = Arc::new(Forwarding::new(map, t.edge(), opts.udp_idle));
     let tcp = TcpListener::bind((t.home(), TCP_FLOW_PORT))
         .await

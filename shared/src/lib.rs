@@ -11,6 +11,7 @@
 //! | [`tls`] | rustls configurations for mutual TLS on the control channel |
 //! | [`bootstrap`] | the one document an edge needs to start |
 //! | [`paths`] | state, config and runtime locations; the lock that keeps one agent per edge |
+//! | [`relay`] | a TCP flow's bytes between two connections, with splice(2) |
 //! | [`tunnel`] | the WireGuard data plane: boringtun over a TUN device set up with rtnetlink |
 //! | [`netns`] | network namespaces: the embedded local edge and the tests |
 //! | [`shutdown`] | SIGINT and SIGTERM to a cancellation token |
@@ -28,6 +29,7 @@ pub mod paths;
 pub mod pki;
 pub mod portmap;
 pub mod protocol;
+pub mod relay;
 pub mod shutdown;
 pub mod tls;
 pub mod tunnel;

@@ -15,6 +15,7 @@ use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
+use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -118,8 +119,8 @@ impl TunnelHandle {
 #[error("the tunnel driver has stopped")]
 pub struct TunnelStopped;
 
-/// Packets per batch: one TUN read with TSO yields up to about 45 MTU
-/// packets; the receive side gathers up to this many datagrams per wakeup.
+/// Packets per TUN read: one TSO super-packet yields up to about 45 MTU
+/// packets.
 const BATCH: usize = 64;
 /// Room before each packet in a TUN buffer: the 10-byte virtio header the
 /// offload path writes in front, with spare for alignment.
@@ -143,6 +144,9 @@ struct Shared {
 struct Context {
     tun: AsyncDevice,
     udp: UdpSocket,
+    /// quinn's batched UDP I/O: GSO on send, GRO and `recvmmsg` on receive,
+    /// with the fallbacks for kernels and paths that lack them.
+    udp_state: UdpSocketState,
     spec: TunnelSpec,
     fixed: bool,
     limiter: Arc<RateLimiter>,
@@ -157,13 +161,17 @@ impl Context {
 }
 
 /// Starts the driver on the current runtime. It runs until `shutdown`.
+///
+/// Fails only if the UDP socket refuses the options the batched I/O needs.
 pub fn spawn(
     tun: AsyncDevice,
     udp: UdpSocket,
     spec: TunnelSpec,
     peer: Option<[u8; 32]>,
     shutdown: CancellationToken,
-) -> TunnelHandle {
+) -> std::io::Result<TunnelHandle> {
+    let udp_state = UdpSocketState::new((&udp).into())?;
+    allow_fragmentation(&udp);
     let (commands, command_rx) = mpsc::channel(8);
     let (stats_tx, stats) = watch::channel(TunnelStats::default());
     let public = PublicKey::from(&spec.private_key);
@@ -176,6 +184,7 @@ pub fn spawn(
     let ctx = Arc::new(Context {
         tun,
         udp,
+        udp_state,
         fixed,
         limiter,
         shared: std::sync::Mutex::new(Shared {
@@ -194,7 +203,7 @@ pub fn spawn(
     tokio::spawn(send_pipeline(ctx.clone(), shutdown.clone()));
     tokio::spawn(receive_pipeline(ctx.clone(), shutdown.clone()));
     tokio::spawn(control_loop(ctx, command_rx, shutdown));
-    TunnelHandle { commands, stats }
+    Ok(TunnelHandle { commands, stats })
 }
 
 fn set_peer(ctx: &Context, key: PublicKey) {
@@ -312,9 +321,7 @@ async fn send_one(ctx: &Context, packet: &[u8], to: SocketAddr) {
 
 /// Room for one encrypted datagram of an MTU-sized packet (1420 + 32).
 const DATAGRAM_SLOT: usize = 1500;
-/// UDP GSO limits: at most 64 segments, and the whole send fits one
-/// 64 KiB datagram.
-const GSO_MAX_SEGMENTS: usize = 64;
+/// UDP GSO: the whole send must fit one 64 KiB datagram.
 const GSO_MAX_BYTES: usize = 65_000;
 
 /// TUN → encrypt → UDP. One TUN read yields a batch (TSO super-packets are
@@ -328,7 +335,7 @@ async fn send_pipeline(ctx: Arc<Context>, shutdown: CancellationToken) {
     let mut out = vec![0u8; BATCH * DATAGRAM_SLOT];
     let mut lens: Vec<usize> = Vec::with_capacity(BATCH);
     let mut large = vec![0u8; MAX_PACKET + 32];
-    let mut gso = true;
+    let mut oversized: Vec<Vec<u8>> = Vec::new();
     loop {
         let n = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -341,7 +348,7 @@ async fn send_pipeline(ctx: Arc<Context>, shutdown: CancellationToken) {
             },
         };
         lens.clear();
-        let mut oversized: Vec<Vec<u8>> = Vec::new();
+        oversized.clear();
         let to = {
             let mut sh = ctx.lock();
             let to = sh.endpoint;
@@ -380,11 +387,12 @@ async fn send_pipeline(ctx: Arc<Context>, shutdown: CancellationToken) {
         let mut i = 0;
         while i < lens.len() {
             // A run: equal-sized datagrams, the last of which may be shorter.
+            let max_segments = ctx.udp_state.max_gso_segments();
             let seg = lens[i];
             let mut end = i + 1;
             let mut bytes = seg;
             while end < lens.len()
-                && end - i < GSO_MAX_SEGMENTS
+                && end - i < max_segments
                 && bytes + lens[end] <= GSO_MAX_BYTES
                 && lens[end] <= seg
             {
@@ -395,165 +403,190 @@ async fn send_pipeline(ctx: Arc<Context>, shutdown: CancellationToken) {
                 }
             }
             let run = &out[pos..pos + bytes];
-            if gso && end - i > 1 {
-                match send_gso(&ctx.udp, run, seg, to).await {
-                    Ok(n) => sent += n as u64,
-                    Err(e) if matches!(e.raw_os_error(), Some(code) if code == nix::libc::EIO || code == nix::libc::EINVAL) =>
-                    {
-                        info!(error = %e, "UDP GSO unavailable on this path; sending datagrams one by one");
-                        gso = false;
-                        continue;
-                    }
-                    Err(e) => debug!(%to, error = %e, "tunnel send failed"),
-                }
-            } else {
-                let mut at = 0;
-                for &len in &lens[i..end] {
-                    match ctx.udp.send_to(&run[at..at + len], to).await {
-                        Ok(n) => sent += n as u64,
-                        Err(e) => debug!(%to, error = %e, "tunnel send failed"),
-                    }
-                    at += len;
-                }
-            }
+            sent += send_datagrams(&ctx, run, seg, to).await;
             pos += bytes;
             i = end;
         }
         for d in &oversized {
-            if let Ok(n) = ctx.udp.send_to(d, to).await {
-                sent += n as u64;
-            }
+            sent += send_datagrams(&ctx, d, d.len(), to).await;
         }
         ctx.lock().stats.tx_bytes += sent;
     }
 }
 
-/// One `sendmsg` with `UDP_SEGMENT`: the kernel cuts `run` into datagrams
-/// of `segment` bytes.
-async fn send_gso(
-    udp: &UdpSocket,
-    run: &[u8],
-    segment: usize,
-    to: SocketAddr,
-) -> std::io::Result<usize> {
-    use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrStorage, sendmsg};
-    use std::os::fd::AsRawFd;
-    let seg = u16::try_from(segment)
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    let addr = SockaddrStorage::from(to);
-    udp.async_io(tokio::io::Interest::WRITABLE, || {
-        let iov = [std::io::IoSlice::new(run)];
-        let cmsg = [ControlMessage::UdpGsoSegments(&seg)];
-        sendmsg(udp.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), Some(&addr))
-            .map_err(std::io::Error::from)
-    })
-    .await
+/// Sends `run`, cut into datagrams of `segment` bytes by the kernel (GSO)
+/// when it holds more than one. quinn-udp logs failures (rate-limited) and
+/// turns GSO off for good when the path refuses it; a lost run is what
+/// a lost datagram is to the traffic inside.
+async fn send_datagrams(ctx: &Context, run: &[u8], segment: usize, to: SocketAddr) -> u64 {
+    let transmit = Transmit {
+        destination: to,
+        ecn: None,
+        contents: run,
+        segment_size: (run.len() > segment).then_some(segment),
+        src_ip: None,
+    };
+    let sent = ctx
+        .udp
+        .async_io(tokio::io::Interest::WRITABLE, || {
+            ctx.udp_state.send((&ctx.udp).into(), &transmit)
+        })
+        .await;
+    match sent {
+        Ok(()) => run.len() as u64,
+        Err(e) => {
+            debug!(%to, error = %e, "tunnel send failed");
+            0
+        }
+    }
 }
 
-/// UDP → decrypt → TUN. Gathers the datagrams that are waiting, decrypts
-/// them under one lock and writes them to the TUN in one GRO-coalesced batch.
+/// Receive buffers per `recvmmsg`. With UDP GRO each holds up to 64
+/// datagrams of one flow, so a few cover a whole burst; more would only
+/// add resident memory (every slot is touched whole once GRO fills it).
+const RX_SLOTS: usize = 4;
+/// One GRO super-datagram is at most 64 KiB.
+const RX_SLOT_BYTES: usize = 65536;
+/// Decrypted packets handed to the TUN in one GRO pass: one full GRO
+/// receive. Any buffer may become a flow's 64 KiB coalescing head, so this
+/// bounds the pipeline's resident memory at about 4 MiB.
+const TUN_BATCH: usize = 64;
+
+/// UDP → decrypt → TUN. One `recvmmsg` gathers what is waiting (with GRO,
+/// runs of datagrams arrive as one buffer), decrypts it under one lock
+/// straight into the TUN buffers, and writes them in one GRO-coalesced batch.
 async fn receive_pipeline(ctx: Arc<Context>, shutdown: CancellationToken) {
-    let mut datagrams: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; MAX_PACKET]).collect();
-    let mut dgram_meta: Vec<(usize, SocketAddr)> = Vec::with_capacity(BATCH);
-    let mut tun_bufs: Vec<Vec<u8>> = (0..BATCH)
+    let mut storage = vec![0u8; RX_SLOTS * RX_SLOT_BYTES];
+    let mut slots: Vec<std::io::IoSliceMut<'_>> = storage
+        .chunks_mut(RX_SLOT_BYTES)
+        .map(std::io::IoSliceMut::new)
+        .collect();
+    let mut metas = [RecvMeta::default(); RX_SLOTS];
+    let mut tun_bufs: Vec<Vec<u8>> = (0..TUN_BATCH)
         .map(|_| Vec::with_capacity(TUN_BUF_CAP))
         .collect();
     let mut replies: Vec<(Vec<u8>, SocketAddr)> = Vec::new();
     let mut scratch = vec![0u8; MAX_PACKET + 32];
-    let mut plain = vec![0u8; MAX_PACKET + 32];
     let mut gro = tun_rs::GROTable::new();
     loop {
-        dgram_meta.clear();
-        let first = tokio::select! {
+        let received = tokio::select! {
             () = shutdown.cancelled() => break,
-            r = ctx.udp.recv_from(&mut datagrams[0]) => r,
+            r = ctx.udp.async_io(tokio::io::Interest::READABLE, || {
+                ctx.udp_state.recv((&ctx.udp).into(), &mut slots, &mut metas)
+            }) => r,
         };
-        match first {
-            Ok((n, from)) => dgram_meta.push((n, from)),
+        let count = match received {
+            Ok(n) => n,
             Err(e) => {
                 warn!(error = %e, "tunnel socket receive failed");
                 continue;
             }
-        }
-        // Take whatever else is already queued, without waiting.
-        while dgram_meta.len() < BATCH {
-            match ctx.udp.try_recv_from(&mut datagrams[dgram_meta.len()]) {
-                Ok((n, from)) => dgram_meta.push((n, from)),
-                Err(_) => break,
-            }
-        }
-
-        let mut ready = 0usize;
-        {
-            let mut sh = ctx.lock();
-            let sh = &mut *sh;
-            let Some(tunn) = sh.tunn.as_mut() else {
-                trace!("no tunnel peer yet; dropping datagrams");
-                continue;
-            };
-            for (i, &(n, from)) in dgram_meta.iter().enumerate() {
-                if ctx.fixed && Some(from) != sh.endpoint {
-                    trace!(%from, "datagram from an address other than the edge; dropped");
-                    continue;
-                }
-                let mut authenticated = false;
-                match tunn.decapsulate(Some(from.ip()), &datagrams[i][..n], &mut plain) {
-                    TunnResult::WriteToNetwork(p) => {
-                        authenticated = true;
-                        // Handshake responses and cookies go back where they came from.
-                        replies.push((p.to_vec(), from));
-                        while let TunnResult::WriteToNetwork(p) =
-                            tunn.decapsulate(None, &[], &mut scratch)
+        };
+        let mut next = 0;
+        while next < count {
+            let mut ready = 0usize;
+            {
+                let mut sh = ctx.lock();
+                let sh = &mut *sh;
+                while next < count {
+                    let meta = &metas[next];
+                    let stride = meta.stride.max(1);
+                    if ready > 0 && ready + meta.len.div_ceil(stride) > TUN_BATCH {
+                        break;
+                    }
+                    let from = meta.addr;
+                    for datagram in slots[next][..meta.len].chunks(stride) {
+                        let Some(buf) = tun_bufs.get_mut(ready) else {
+                            debug!("more datagrams in one receive than TUN buffers; dropped");
+                            break;
+                        };
+                        if open_datagram(&ctx, sh, datagram, from, buf, &mut scratch, &mut replies)
                         {
-                            replies.push((p.to_vec(), from));
-                        }
-                    }
-                    TunnResult::WriteToTunnelV4(packet, src) => {
-                        authenticated = true;
-                        if src == ctx.spec.peer_addr {
-                            sh.stats.rx_bytes += packet.len() as u64;
-                            // Room in front for the virtio header; a copy
-                            // of one MTU is cheaper than zeroing 64 KiB.
-                            let buf = &mut tun_bufs[ready];
-                            buf.clear();
-                            buf.extend_from_slice(&[0u8; OFFSET]);
-                            buf.extend_from_slice(packet);
                             ready += 1;
-                        } else {
-                            sh.stats.dropped_spoofed += 1;
-                            debug!(%src, "dropped tunnel packet whose inner source is not the peer's address");
                         }
                     }
-                    TunnResult::WriteToTunnelV6(_, src) => {
-                        authenticated = true;
-                        sh.stats.dropped_spoofed += 1;
-                        debug!(src = %IpAddr::V6(src), "dropped IPv6 tunnel packet: the tunnel carries IPv4 only");
-                    }
-                    TunnResult::Done => authenticated = true,
-                    TunnResult::Err(
-                        WireGuardError::DuplicateCounter | WireGuardError::InvalidCounter,
-                    ) => {}
-                    TunnResult::Err(e) => debug!(%from, error = ?e, "dropped WireGuard datagram"),
+                    next += 1;
                 }
-                if authenticated && !ctx.fixed && sh.endpoint != Some(from) {
-                    info!(endpoint = %from, "tunnel peer endpoint");
-                    sh.endpoint = Some(from);
-                }
+                observe_handshake(&ctx, sh);
             }
-            observe_handshake(&ctx, sh);
-        }
-        for (reply, to) in replies.drain(..) {
-            send_one(&ctx, &reply, to).await;
-        }
-        if ready > 0
-            && let Err(e) = ctx
-                .tun
-                .send_multiple(&mut gro, &mut tun_bufs[..ready], OFFSET)
-                .await
-        {
-            debug!(error = %e, "TUN write failed");
+            for (reply, to) in replies.drain(..) {
+                send_one(&ctx, &reply, to).await;
+            }
+            if ready > 0
+                && let Err(e) = ctx
+                    .tun
+                    .send_multiple(&mut gro, &mut tun_bufs[..ready], OFFSET)
+                    .await
+            {
+                debug!(error = %e, "TUN write failed");
+            }
         }
     }
+}
+
+/// Decrypts one datagram. An inner packet from the peer's tunnel address
+/// lands in `buf` after `OFFSET` bytes of room for the virtio header (the
+/// return value says so); handshake answers go to `replies`.
+fn open_datagram(
+    ctx: &Context,
+    sh: &mut Shared,
+    datagram: &[u8],
+    from: SocketAddr,
+    buf: &mut Vec<u8>,
+    scratch: &mut [u8],
+    replies: &mut Vec<(Vec<u8>, SocketAddr)>,
+) -> bool {
+    if ctx.fixed && Some(from) != sh.endpoint {
+        trace!(%from, "datagram from an address other than the edge; dropped");
+        return false;
+    }
+    let Some(tunn) = sh.tunn.as_mut() else {
+        trace!("no tunnel peer yet; dropping datagrams");
+        return false;
+    };
+    // Decrypt in place of the TUN write: a plaintext is never longer than
+    // its datagram, and handshake answers are shorter than 256 bytes.
+    let need = OFFSET + datagram.len().max(256);
+    if buf.len() < need {
+        buf.resize(need, 0);
+    }
+    let mut authenticated = false;
+    let mut queued = false;
+    match tunn.decapsulate(Some(from.ip()), datagram, &mut buf[OFFSET..]) {
+        TunnResult::WriteToNetwork(p) => {
+            authenticated = true;
+            // Handshake responses and cookies go back where they came from.
+            replies.push((p.to_vec(), from));
+            while let TunnResult::WriteToNetwork(p) = tunn.decapsulate(None, &[], scratch) {
+                replies.push((p.to_vec(), from));
+            }
+        }
+        TunnResult::WriteToTunnelV4(packet, src) => {
+            authenticated = true;
+            if src == ctx.spec.peer_addr {
+                let len = packet.len();
+                sh.stats.rx_bytes += len as u64;
+                buf.truncate(OFFSET + len);
+                queued = true;
+            } else {
+                sh.stats.dropped_spoofed += 1;
+                debug!(%src, "dropped tunnel packet whose inner source is not the peer's address");
+            }
+        }
+        TunnResult::WriteToTunnelV6(_, src) => {
+            authenticated = true;
+            sh.stats.dropped_spoofed += 1;
+            debug!(src = %IpAddr::V6(src), "dropped IPv6 tunnel packet: the tunnel carries IPv4 only");
+        }
+        TunnResult::Done => authenticated = true,
+        TunnResult::Err(WireGuardError::DuplicateCounter | WireGuardError::InvalidCounter) => {}
+        TunnResult::Err(e) => debug!(%from, error = ?e, "dropped WireGuard datagram"),
+    }
+    if authenticated && !ctx.fixed && sh.endpoint != Some(from) {
+        info!(endpoint = %from, "tunnel peer endpoint");
+        sh.endpoint = Some(from);
+    }
+    queued
 }
 
 /// boringtun reports the age of the last handshake; a smaller age than
@@ -614,4 +647,28 @@ pub fn short_key(key: &[u8; 32]) -> String {
     use base64::Engine;
     let s = base64::engine::general_purpose::STANDARD.encode(key);
     s[..8].to_owned()
+}
+
+/// Lets the kernel fragment outer datagrams again, as kernel WireGuard and
+/// wireguard-go do: quinn-udp sets "probe" path-MTU discovery, which sends
+/// with DF and ignores the path MTU, and a home link below 1480 bytes
+/// (DS-Lite, some mobile links) would then black-hole full-sized packets
+/// once the handshake is up.
+#[allow(unsafe_code)]
+fn allow_fragmentation<F: std::os::fd::AsFd>(socket: &F) {
+    use nix::libc;
+    use std::os::fd::AsRawFd;
+    let fd = socket.as_fd().as_raw_fd();
+    let dont: libc::c_int = libc::IP_PMTUDISC_DONT;
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4);
+    for (level, name) in [
+        (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER),
+        (libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER),
+    ] {
+        // SAFETY: `fd` is a live socket borrowed for this call and the
+        // option value is a c_int that outlives it. An IPv4 socket refuses
+        // the IPv6 option, which is harmless.
+        let _ = unsafe { libc::setsockopt(fd, level, name, std::ptr::from_ref(&dont).cast(), len) };
+    }
+    let _ = nix::sys::socket::setsockopt(socket, nix::sys::socket::sockopt::Ipv6DontFrag, &false);
 }

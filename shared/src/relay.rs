@@ -1,0 +1,187 @@
+//! Moving a flow's bytes between two TCP connections: the public one and
+//! its tunnel flow at the edge, the tunnel flow and the target at home.
+//!
+//! Each direction goes through a pipe with splice(2): the kernel hands
+//! socket pages to the pipe and the pipe's pages to the other socket, so
+//! the bytes are never copied into this process and back. That is two
+//! copies less per byte and relay, where copying is most of what a relay
+//! costs. Half-closes are passed on as `copy_bidirectional` does.
+
+use std::io;
+use std::net::Shutdown;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Mutex;
+
+use nix::fcntl::{OFlag, SpliceFFlags, splice};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+use crate::flow::RELAY_BUFFER;
+
+/// Bytes asked for per splice: a pipe's default capacity (16 pages).
+const SPLICE_CHUNK: usize = 64 * 1024;
+
+/// Relays both directions until both have ended; returns the bytes moved
+/// a → b and b → a. Falls back to copying when no pipe can be had (out of
+/// descriptors): the flow still works, only slower.
+pub async fn relay_tcp(a: &mut TcpStream, b: &mut TcpStream) -> io::Result<(u64, u64)> {
+    let (Ok(a_to_b), Ok(b_to_a)) = (Pipe::take(), Pipe::take()) else {
+        tracing::debug!("no pipe for splice; relaying by copy");
+        return tokio::io::copy_bidirectional_with_sizes(a, b, RELAY_BUFFER, RELAY_BUFFER).await;
+    };
+    let moved = {
+        let (a, b) = (&*a, &*b);
+        tokio::try_join!(one_way(a, b, &a_to_b), one_way(b, a, &b_to_a))
+    };
+    // Both directions ran to their end, so both pipes are empty. After an
+    // error a pipe may still hold bytes, and it is closed instead.
+    if moved.is_ok() {
+        a_to_b.give_back();
+        b_to_a.give_back();
+    }
+    moved
+}
+
+/// Empty pipes kept for the next flows: short-lived connections would
+/// otherwise pay for creating and closing two pipes each.
+static SPARE_PIPES: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
+/// At most this many spare pipes (two descriptors each).
+const SPARE_PIPES_MAX: usize = 32;
+
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl Pipe {
+    fn take() -> io::Result<Pipe> {
+        if let Some(pipe) = spare_pipes().pop() {
+            return Ok(pipe);
+        }
+        let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+        Ok(Pipe { read, write })
+    }
+
+    /// Only for a pipe known to be empty.
+    fn give_back(self) {
+        let mut spare = spare_pipes();
+        if spare.len() < SPARE_PIPES_MAX {
+            spare.push(self);
+        }
+    }
+}
+
+fn spare_pipes() -> std::sync::MutexGuard<'static, Vec<Pipe>> {
+    SPARE_PIPES.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// `from` → pipe → `to` until `from` ends, then half-closes `to`.
+///
+/// The pipe is empty whenever `from` is read, so "would block" there means
+/// `from` has nothing; while the pipe holds bytes only `to` is written, so
+/// "would block" there means `to` is full. tokio's readiness covers both.
+async fn one_way(from: &TcpStream, to: &TcpStream, pipe: &Pipe) -> io::Result<u64> {
+    let mut total = 0u64;
+    loop {
+        let n = from
+            .async_io(Interest::READABLE, || {
+                splice_nonblocking(from, &pipe.write, SPLICE_CHUNK)
+            })
+            .await?;
+        if n == 0 {
+            // The other side sees end-of-stream after everything sent before it.
+            match socket2::SockRef::from(to).shutdown(Shutdown::Write) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
+                Err(e) => return Err(e),
+            }
+            return Ok(total);
+        }
+        let mut left = n;
+        while left > 0 {
+            let m = to
+                .async_io(Interest::WRITABLE, || {
+                    splice_nonblocking(&pipe.read, to, left)
+                })
+                .await?;
+            if m == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            left -= m;
+        }
+        total += n as u64;
+    }
+}
+
+fn splice_nonblocking(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
+    splice(
+        from,
+        None,
+        to,
+        None,
+        len,
+        SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE,
+    )
+    .map_err(io::Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// Two connected pairs over loopback: (outer client, relay end a) and
+    /// (relay end b, outer server).
+    async fn pairs() -> ((TcpStream, TcpStream), (TcpStream, TcpStream)) {
+        async fn pair() -> (TcpStream, TcpStream) {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+            let (s, _) = l.accept().await.unwrap();
+            (c, s)
+        }
+        (pair().await, pair().await)
+    }
+
+    #[tokio::test]
+    async fn moves_bytes_both_ways_and_passes_half_close_on() {
+        let ((mut client, mut a), (mut b, mut server)) = pairs().await;
+        let relay = tokio::spawn(async move { relay_tcp(&mut a, &mut b).await });
+        // More than a pipe holds, so the relay has to wait for the reader.
+        let up: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let down: Vec<u8> = (0..1_000_000u32).map(|i| (i % 241) as u8).collect();
+        let (up2, down2) = (up.clone(), down.clone());
+        let client_side = tokio::spawn(async move {
+            client.write_all(&up2).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, up, "client → server bytes");
+        // The server still writes after the client's half-close.
+        server.write_all(&down2).await.unwrap();
+        server.shutdown().await.unwrap();
+        assert_eq!(client_side.await.unwrap(), down, "server → client bytes");
+        let (n_up, n_down) = relay.await.unwrap().unwrap();
+        assert_eq!((n_up, n_down), (up.len() as u64, down.len() as u64));
+    }
+
+    #[tokio::test]
+    async fn a_reset_ends_the_relay_with_an_error() {
+        let ((client, mut a), (mut b, _server)) = pairs().await;
+        let relay = tokio::spawn(async move { relay_tcp(&mut a, &mut b).await });
+        client.set_linger(Some(std::time::Duration::ZERO)).unwrap();
+        drop(client);
+        let result = tokio::time::timeout(std::time::Duration::from_secs(5), relay)
+            .await
+            .expect("the relay ends after a reset")
+            .unwrap();
+        assert!(
+            result.is_err(),
+            "a reset is an error, not a clean close: {result:?}"
+        );
+    }
+}
