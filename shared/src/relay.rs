@@ -173,7 +173,7 @@ mod tests {
     async fn a_reset_ends_the_relay_with_an_error() {
         let ((client, mut a), (mut b, _server)) = pairs().await;
         let relay = tokio::spawn(async move { relay_tcp(&mut a, &mut b).await });
-        client.set_linger(Some(std::time::Duration::ZERO)).unwrap();
+        client.set_zero_linger().unwrap();
         drop(client);
         let result = tokio::time::timeout(std::time::Duration::from_secs(5), relay)
             .await
