@@ -103,12 +103,15 @@ pub async fn run(opts: EdgeOptions, shutdown: CancellationToken) -> anyhow::Resu
     // port that is reserved anyway, so no public port is taken by it.
     let flow_socket = bind_reuse_v4(SocketAddrV4::new(tunnel.edge(), boot.wireguard_port))
         .context("binding the tunnel's UDP flow socket")?;
-    let ctx = Arc::new(relay::RelayContext::new(
-        SocketAddr::from((tunnel.home(), TCP_FLOW_PORT)),
-        SocketAddr::from((tunnel.home(), UDP_FLOW_PORT)),
-        Arc::new(flow_socket),
-        opts.udp_idle,
-    ));
+    let ctx = Arc::new(
+        relay::RelayContext::new(
+            SocketAddr::from((tunnel.home(), TCP_FLOW_PORT)),
+            SocketAddr::from((tunnel.home(), UDP_FLOW_PORT)),
+            Arc::new(flow_socket),
+            opts.udp_idle,
+        )
+        .context("setting up the tunnel's UDP flow socket")?,
+    );
     let reserved = Reserved {
         control_port: boot.control_port,
         wireguard_port: boot.wireguard_port,

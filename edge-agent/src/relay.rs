@@ -11,9 +11,11 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use skerry::flow::{DatagramHeader, FlowHeader, MAX_DATAGRAM_HEADER_LEN};
 use skerry::portmap::Protocol;
-use tokio::io::AsyncWriteExt;
+use std::io::IoSliceMut;
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, trace, warn};
@@ -23,6 +25,8 @@ use crate::udp_flows::FlowTable;
 
 /// How long the edge waits for the home-agent to take a TCP flow.
 const HOME_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Client bytes sent along with a TCP flow's header, at most.
+const EARLY_DATA: usize = 4096;
 /// Largest UDP payload read from a public socket.
 const MAX_UDP_PAYLOAD: usize = 65507;
 
@@ -35,6 +39,9 @@ pub struct RelayContext {
     pub home_udp: SocketAddr,
     /// The edge's UDP socket on its tunnel address.
     pub tunnel_udp: Arc<UdpSocket>,
+    /// Batched I/O on `tunnel_udp`: a run of a client's datagrams goes home
+    /// in one GSO send.
+    tunnel_udp_state: UdpSocketState,
     pub udp_idle: Duration,
     udp_flows: Mutex<FlowTable>,
     /// Public UDP sockets by port, and whether each is an IPv6 (dual-stack) socket.
@@ -47,15 +54,19 @@ impl RelayContext {
         home_udp: SocketAddr,
         tunnel_udp: Arc<UdpSocket>,
         udp_idle: Duration,
-    ) -> Self {
-        RelayContext {
+    ) -> std::io::Result<Self> {
+        let tunnel_udp_state = UdpSocketState::new((&*tunnel_udp).into())?;
+        // Datagrams larger than the tunnel's MTU are fragmented, not refused.
+        skerry::sockopt::allow_fragmentation(&*tunnel_udp);
+        Ok(RelayContext {
             home_tcp,
             home_udp,
             tunnel_udp,
+            tunnel_udp_state,
             udp_idle,
             udp_flows: Mutex::new(FlowTable::new()),
             udp_sockets: RwLock::new(HashMap::new()),
-        }
+        })
     }
 
     fn flows(&self) -> std::sync::MutexGuard<'_, FlowTable> {
@@ -157,7 +168,10 @@ async fn tcp_flow(
     ctx: &RelayContext,
 ) -> std::io::Result<()> {
     client_stream.set_nodelay(true)?;
-    let mut home = tokio::time::timeout(HOME_CONNECT_TIMEOUT, TcpStream::connect(ctx.home_tcp))
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    // The handshake's last ACK rides on the flow header.
+    skerry::sockopt::defer_accept(&socket, 1)?;
+    let mut home = tokio::time::timeout(HOME_CONNECT_TIMEOUT, socket.connect(ctx.home_tcp))
         .await
         .map_err(|_| {
             std::io::Error::new(
@@ -166,80 +180,188 @@ async fn tcp_flow(
             )
         })??;
     home.set_nodelay(true)?;
-    let mut header = Vec::with_capacity(skerry::flow::MAX_FLOW_HEADER_LEN);
+    let mut header = Vec::with_capacity(skerry::flow::MAX_FLOW_HEADER_LEN + EARLY_DATA);
     FlowHeader {
         protocol: Protocol::Tcp,
         public_port,
         client,
     }
     .encode(&mut header);
+    // What the client sent while the flow was being opened (its request,
+    // usually) goes in the same segment as the header.
+    let at = header.len();
+    header.resize(at + EARLY_DATA, 0);
+    match client_stream.try_read(&mut header[at..]) {
+        Ok(n) => header.truncate(at + n),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => header.truncate(at),
+        Err(e) => return Err(e),
+    }
     home.write_all(&header).await?;
     let (up, down) = skerry::relay::relay_tcp(&mut client_stream, &mut home).await?;
     trace!(up, down, "flow closed");
     Ok(())
 }
 
-/// Reads public datagrams on one port and sends them home.
+/// Receive buffers per `recvmmsg` on a public UDP socket; with GRO each
+/// holds a run of up to 64 datagrams from one client. Only the bytes
+/// received are ever touched, so idle slots cost no memory.
+const UDP_RX_SLOTS: usize = 16;
+const UDP_RX_SLOT_BYTES: usize = 65536;
+/// Header and payload of one datagram to home must fit the tunnel's MTU
+/// (less IPv4 and UDP headers) for GSO; larger ones go one by one and are
+/// fragmented inside the tunnel.
+const GSO_SEGMENT_MAX: usize = skerry::tunnel::device::DEFAULT_MTU as usize - 28;
+/// A GSO send is one UDP datagram to the kernel: under 64 KiB in all.
+const GSO_MAX_BYTES: usize = 65_000;
+
+/// Reads public datagrams on one port and sends them home: a `recvmmsg`
+/// gathers what is waiting (GRO hands over a client's run of datagrams in
+/// one buffer), and each run goes home in one GSO send, every datagram
+/// behind its own header.
 pub async fn udp_receive_loop(
     socket: Arc<UdpSocket>,
     port: Arc<PortShared>,
     ctx: Arc<RelayContext>,
     stop: CancellationToken,
 ) {
-    let mut buf = vec![0u8; MAX_DATAGRAM_HEADER_LEN + MAX_UDP_PAYLOAD];
+    let state = match UdpSocketState::new((&*socket).into()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(port = port.port, error = %e, "public UDP socket refused batched I/O; port not served");
+            return;
+        }
+    };
+    skerry::sockopt::allow_fragmentation(&*socket);
+    let mut storage = vec![0u8; UDP_RX_SLOTS * UDP_RX_SLOT_BYTES];
+    let mut slots: Vec<IoSliceMut<'_>> = storage
+        .chunks_mut(UDP_RX_SLOT_BYTES)
+        .map(IoSliceMut::new)
+        .collect();
+    let mut metas = [RecvMeta::default(); UDP_RX_SLOTS];
     let mut header = Vec::with_capacity(MAX_DATAGRAM_HEADER_LEN);
+    let mut out: Vec<u8> = Vec::with_capacity(GSO_MAX_BYTES + MAX_UDP_PAYLOAD);
+    let mut run = Run::default();
     loop {
         let received = tokio::select! {
             () = stop.cancelled() => break,
-            r = socket.recv_from(&mut buf[MAX_DATAGRAM_HEADER_LEN..]) => r,
+            r = socket.async_io(Interest::READABLE, || {
+                state.recv((&*socket).into(), &mut slots, &mut metas)
+            }) => r,
         };
-        let (n, client) = match received {
-            Ok(r) => r,
+        let count = match received {
+            Ok(n) => n,
             Err(e) => {
                 debug!(port = port.port, error = %e, "public UDP receive failed");
                 continue;
             }
         };
-        let client = SocketAddr::new(client.ip().to_canonical(), client.port());
-        let policy = port.policy();
-        if !policy.admits(client.ip()) {
-            trace!(port = port.port, %client, "datagram refused: source not in allow list");
-            continue;
-        }
-        let flow_id = match ctx
-            .flows()
-            .inbound(port.port, client, policy.max_conns, Instant::now())
-        {
-            Ok(id) => id,
-            Err(_) => {
-                trace!(port = port.port, %client, "datagram refused: port at max-conns");
+        for (meta, slot) in metas[..count].iter().zip(slots.iter()) {
+            let client = SocketAddr::new(meta.addr.ip().to_canonical(), meta.addr.port());
+            let policy = port.policy();
+            if !policy.admits(client.ip()) {
+                trace!(port = port.port, %client, "datagram refused: source not in allow list");
                 continue;
             }
-        };
-        // Write the header just before the payload, avoiding a copy.
-        header.clear();
-        DatagramHeader {
-            flow_id,
-            public_port: port.port,
-            client,
+            let flow_id =
+                match ctx
+                    .flows()
+                    .inbound(port.port, client, policy.max_conns, Instant::now())
+                {
+                    Ok(id) => id,
+                    Err(_) => {
+                        trace!(port = port.port, %client, "datagram refused: port at max-conns");
+                        continue;
+                    }
+                };
+            header.clear();
+            DatagramHeader {
+                flow_id,
+                public_port: port.port,
+                client,
+            }
+            .encode(&mut header);
+            let stride = meta.stride.max(1);
+            let segment = header.len() + stride;
+            // A run continues across receive buffers while the datagrams
+            // are the same client's and the same size: GSO cuts a run
+            // into equal segments, only the last may be shorter.
+            let continues = run.flow == Some(flow_id) && run.segment == segment && !run.closed;
+            if !continues {
+                send_home(&ctx, &out, run.segment).await;
+                out.clear();
+                run = Run {
+                    flow: Some(flow_id),
+                    segment,
+                    closed: false,
+                };
+            }
+            for payload in slot[..meta.len].chunks(stride) {
+                // One segment per send when GSO cannot carry it.
+                if run.closed
+                    || segment > GSO_SEGMENT_MAX
+                    || out.len() + header.len() + payload.len() > GSO_MAX_BYTES
+                    || out.len() / segment >= ctx.tunnel_udp_state.max_gso_segments()
+                {
+                    send_home(&ctx, &out, segment).await;
+                    out.clear();
+                    run.closed = false;
+                }
+                out.extend_from_slice(&header);
+                out.extend_from_slice(payload);
+                run.closed = payload.len() < stride;
+            }
         }
-        .encode(&mut header);
-        let start = MAX_DATAGRAM_HEADER_LEN - header.len();
-        buf[start..MAX_DATAGRAM_HEADER_LEN].copy_from_slice(&header);
-        if let Err(e) = ctx
-            .tunnel_udp
-            .send_to(&buf[start..MAX_DATAGRAM_HEADER_LEN + n], ctx.home_udp)
-            .await
-        {
-            trace!(error = %e, "datagram to home not sent");
-        }
+        send_home(&ctx, &out, run.segment).await;
+        out.clear();
+        run = Run::default();
+    }
+}
+
+/// The datagrams gathered for one GSO send home.
+#[derive(Default)]
+struct Run {
+    flow: Option<u32>,
+    /// Header and payload of each datagram.
+    segment: usize,
+    /// The last datagram was short: nothing may follow it in this run.
+    closed: bool,
+}
+
+/// Sends `run` (datagrams of `segment` bytes, the last maybe shorter) to
+/// the home-agent's flow socket. quinn-udp logs failures, rate-limited.
+async fn send_home(ctx: &RelayContext, run: &[u8], segment: usize) {
+    if run.is_empty() {
+        return;
+    }
+    let transmit = Transmit {
+        destination: ctx.home_udp,
+        ecn: None,
+        contents: run,
+        segment_size: (run.len() > segment).then_some(segment),
+        src_ip: None,
+    };
+    if let Err(e) = ctx
+        .tunnel_udp
+        .async_io(Interest::WRITABLE, || {
+            ctx.tunnel_udp_state
+                .send((&*ctx.tunnel_udp).into(), &transmit)
+        })
+        .await
+    {
+        trace!(error = %e, "datagrams to home not sent");
     }
 }
 
 /// Receives replies from home and sends them to their clients; expires
-/// idle flows.
+/// idle flows. The tunnel socket has GRO on (see [`RelayContext::new`]):
+/// a buffer may hold a run of datagrams, each behind its own header.
 pub async fn udp_reply_loop(ctx: Arc<RelayContext>, shutdown: CancellationToken) {
-    let mut buf = vec![0u8; 65536];
+    let mut storage = vec![0u8; UDP_RX_SLOTS * UDP_RX_SLOT_BYTES];
+    let mut slots: Vec<IoSliceMut<'_>> = storage
+        .chunks_mut(UDP_RX_SLOT_BYTES)
+        .map(IoSliceMut::new)
+        .collect();
+    let mut metas = [RecvMeta::default(); UDP_RX_SLOTS];
     let mut sweep = tokio::time::interval(Duration::from_secs(1).min(ctx.udp_idle));
     loop {
         let received = tokio::select! {
@@ -249,43 +371,54 @@ pub async fn udp_reply_loop(ctx: Arc<RelayContext>, shutdown: CancellationToken)
                 if n > 0 { trace!(expired = n, "UDP flows expired"); }
                 continue;
             }
-            r = ctx.tunnel_udp.recv_from(&mut buf) => r,
+            r = ctx.tunnel_udp.async_io(Interest::READABLE, || {
+                ctx.tunnel_udp_state.recv((&*ctx.tunnel_udp).into(), &mut slots, &mut metas)
+            }) => r,
         };
-        let (n, from) = match received {
-            Ok(r) => r,
+        let count = match received {
+            Ok(n) => n,
             Err(e) => {
                 debug!(error = %e, "tunnel UDP receive failed");
                 continue;
             }
         };
-        if from.ip() != ctx.home_udp.ip() {
-            trace!(%from, "datagram on the tunnel socket not from home; dropped");
-            continue;
-        }
-        let (header, payload) = match DatagramHeader::decode(&buf[..n]) {
-            Ok(d) => d,
-            Err(e) => {
-                debug!(%from, error = %e, "malformed datagram from home; dropped");
+        for (meta, slot) in metas[..count].iter().zip(slots.iter()) {
+            let from = meta.addr;
+            if from.ip().to_canonical() != ctx.home_udp.ip() {
+                trace!(%from, "datagram on the tunnel socket not from home; dropped");
                 continue;
             }
-        };
-        let Some(flow) = ctx.flows().outbound(header.flow_id, Instant::now()) else {
-            trace!(
-                flow = header.flow_id,
-                "reply for an unknown or expired flow; dropped"
-            );
-            continue;
-        };
-        let Some((socket, v6)) = ctx.udp_socket(flow.public_port) else {
-            continue;
-        };
-        // A dual-stack socket reaches IPv4 clients through mapped addresses.
-        let to = match flow.client {
-            SocketAddr::V4(a) if v6 => SocketAddr::new(a.ip().to_ipv6_mapped().into(), a.port()),
-            other => other,
-        };
-        if let Err(e) = socket.send_to(payload, to).await {
-            trace!(client = %flow.client, error = %e, "reply not sent");
+            for datagram in slot[..meta.len].chunks(meta.stride.max(1)) {
+                reply_to_client(&ctx, datagram, from).await;
+            }
         }
+    }
+}
+
+async fn reply_to_client(ctx: &RelayContext, datagram: &[u8], from: SocketAddr) {
+    let (header, payload) = match DatagramHeader::decode(datagram) {
+        Ok(d) => d,
+        Err(e) => {
+            debug!(%from, error = %e, "malformed datagram from home; dropped");
+            return;
+        }
+    };
+    let Some(flow) = ctx.flows().outbound(header.flow_id, Instant::now()) else {
+        trace!(
+            flow = header.flow_id,
+            "reply for an unknown or expired flow; dropped"
+        );
+        return;
+    };
+    let Some((socket, v6)) = ctx.udp_socket(flow.public_port) else {
+        return;
+    };
+    // A dual-stack socket reaches IPv4 clients through mapped addresses.
+    let to = match flow.client {
+        SocketAddr::V4(a) if v6 => SocketAddr::new(a.ip().to_ipv6_mapped().into(), a.port()),
+        other => other,
+    };
+    if let Err(e) = socket.send_to(payload, to).await {
+        trace!(client = %flow.client, error = %e, "reply not sent");
     }
 }

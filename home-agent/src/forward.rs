@@ -11,9 +11,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use quinn_udp::{RecvMeta, UdpSocketState};
 use skerry::flow::{DatagramHeader, FlowHeader, MAX_DATAGRAM_HEADER_LEN, MAX_FLOW_HEADER_LEN};
 use skerry::portmap::{PortMap, Protocol};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::io::IoSliceMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, trace, warn};
@@ -205,14 +207,36 @@ struct UdpFlow {
     last_seen: Arc<AtomicU64>,
 }
 
+/// Receive buffers per `recvmmsg` on the flow socket; with GRO each holds
+/// a run of up to 64 datagrams from the edge.
+const UDP_RX_SLOTS: usize = 4;
+const UDP_RX_SLOT_BYTES: usize = 65536;
+
 /// Carries UDP datagrams between the edge and targets until `shutdown`.
+///
+/// The flow socket has GRO on: one `recvmmsg` takes what the edge sent in
+/// a burst, each datagram behind its own header (a run may mix flows).
 pub async fn udp_flows(tunnel: Arc<UdpSocket>, fwd: Arc<Forwarding>, shutdown: CancellationToken) {
+    let state = match UdpSocketState::new((&*tunnel).into()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "the UDP flow socket refused batched I/O; UDP ports are not served");
+            return;
+        }
+    };
+    // Replies larger than the tunnel's MTU are fragmented, not refused.
+    skerry::sockopt::allow_fragmentation(&*tunnel);
     let started = Instant::now();
     let mut flows: HashMap<u32, UdpFlow> = HashMap::new();
-    let mut buf = vec![0u8; 65536];
+    let mut storage = vec![0u8; UDP_RX_SLOTS * UDP_RX_SLOT_BYTES];
+    let mut slots: Vec<IoSliceMut<'_>> = storage
+        .chunks_mut(UDP_RX_SLOT_BYTES)
+        .map(IoSliceMut::new)
+        .collect();
+    let mut metas = [RecvMeta::default(); UDP_RX_SLOTS];
     let mut sweep = tokio::time::interval(Duration::from_secs(1).min(fwd.udp_idle));
     loop {
-        let (n, from) = tokio::select! {
+        let count = tokio::select! {
             () = shutdown.cancelled() => break,
             _ = sweep.tick() => {
                 let now = elapsed_ms(started);
@@ -220,50 +244,68 @@ pub async fn udp_flows(tunnel: Arc<UdpSocket>, fwd: Arc<Forwarding>, shutdown: C
                 flows.retain(|_, f| now.saturating_sub(f.last_seen.load(Ordering::Relaxed)) <= idle);
                 continue;
             }
-            r = tunnel.recv_from(&mut buf) => match r {
-                Ok(r) => r,
+            r = tunnel.async_io(Interest::READABLE, || {
+                state.recv((&*tunnel).into(), &mut slots, &mut metas)
+            }) => match r {
+                Ok(n) => n,
                 Err(e) => { debug!(error = %e, "tunnel UDP receive failed"); continue; }
             },
         };
-        if from.ip().to_canonical() != IpAddr::V4(fwd.edge_tunnel) {
-            trace!(%from, "datagram not from the edge's tunnel address; dropped");
-            continue;
-        }
-        let (header, payload) = match DatagramHeader::decode(&buf[..n]) {
-            Ok(d) => d,
-            Err(e) => {
-                debug!(error = %e, "malformed datagram from the edge; dropped");
+        for (meta, slot) in metas[..count].iter().zip(slots.iter()) {
+            let from = meta.addr;
+            if from.ip().to_canonical() != IpAddr::V4(fwd.edge_tunnel) {
+                trace!(%from, "datagram not from the edge's tunnel address; dropped");
                 continue;
             }
-        };
-        let stale = flows
-            .get(&header.flow_id)
-            .is_some_and(|f| f.public_port != header.public_port || f.client != header.client);
-        if stale {
-            flows.remove(&header.flow_id);
-        }
-        let flow = match flows.entry(header.flow_id) {
-            Entry::Occupied(o) => o.into_mut(),
-            Entry::Vacant(v) => {
-                match open_udp_flow(&fwd, header, from, tunnel.clone(), started).await {
-                    Some(f) => v.insert(f),
-                    None => continue,
-                }
+            for datagram in slot[..meta.len].chunks(meta.stride.max(1)) {
+                to_target(&fwd, &mut flows, datagram, from, &tunnel, started).await;
             }
-        };
-        flow.last_seen.store(elapsed_ms(started), Ordering::Relaxed);
-        let sent = match flow.proxy {
-            Some(v) => {
-                let dest = fwd.public_dest(flow.client, flow.public_port);
-                let mut d = proxy_protocol::header(v, Protocol::Udp, flow.client, dest);
-                d.extend_from_slice(payload);
-                flow.socket.send(&d).await
-            }
-            None => flow.socket.send(payload).await,
-        };
-        if let Err(e) = sent {
-            trace!(error = %e, "datagram to target not sent");
         }
+    }
+}
+
+/// Sends one datagram from the edge on to its target, opening its flow
+/// on the first.
+async fn to_target(
+    fwd: &Arc<Forwarding>,
+    flows: &mut HashMap<u32, UdpFlow>,
+    datagram: &[u8],
+    from: SocketAddr,
+    tunnel: &Arc<UdpSocket>,
+    started: Instant,
+) {
+    let (header, payload) = match DatagramHeader::decode(datagram) {
+        Ok(d) => d,
+        Err(e) => {
+            debug!(error = %e, "malformed datagram from the edge; dropped");
+            return;
+        }
+    };
+    let stale = flows
+        .get(&header.flow_id)
+        .is_some_and(|f| f.public_port != header.public_port || f.client != header.client);
+    if stale {
+        flows.remove(&header.flow_id);
+    }
+    let flow = match flows.entry(header.flow_id) {
+        Entry::Occupied(o) => o.into_mut(),
+        Entry::Vacant(v) => match open_udp_flow(fwd, header, from, tunnel.clone(), started).await {
+            Some(f) => v.insert(f),
+            None => return,
+        },
+    };
+    flow.last_seen.store(elapsed_ms(started), Ordering::Relaxed);
+    let sent = match flow.proxy {
+        Some(v) => {
+            let dest = fwd.public_dest(flow.client, flow.public_port);
+            let mut d = proxy_protocol::header(v, Protocol::Udp, flow.client, dest);
+            d.extend_from_slice(payload);
+            flow.socket.send(&d).await
+        }
+        None => flow.socket.send(payload).await,
+    };
+    if let Err(e) = sent {
+        trace!(error = %e, "datagram to target not sent");
     }
 }
 

@@ -280,6 +280,10 @@ async fn ensure_plane(
     let tcp = TcpListener::bind((t.home(), TCP_FLOW_PORT))
         .await
         .with_context(|| format!("binding the flow listener {}:{TCP_FLOW_PORT}", t.home()))?;
+    // A flow is accepted once its header is there, not a wakeup earlier.
+    if let Err(e) = skerry::sockopt::defer_accept(&tcp, 1) {
+        tracing::debug!(error = %e, "TCP_DEFER_ACCEPT refused on the flow listener");
+    }
     let udp_flows = bind_flow_socket(SocketAddr::from((t.home(), UDP_FLOW_PORT)))
         .with_context(|| format!("binding the UDP flow socket {}:{UDP_FLOW_PORT}", t.home()))?;
     tokio::spawn(forward::tcp_flows(tcp, fwd.clone(), shutdown.child_token()));

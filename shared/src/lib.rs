@@ -14,6 +14,7 @@
 //! | [`relay`] | a TCP flow's bytes between two connections, with splice(2) |
 //! | [`tunnel`] | the WireGuard data plane: boringtun over a TUN device set up with rtnetlink |
 //! | [`netns`] | network namespaces: the embedded local edge and the tests |
+//! | [`sockopt`] | socket options no crate wraps (fragmentation, `TCP_DEFER_ACCEPT`) |
 //! | [`shutdown`] | SIGINT and SIGTERM to a cancellation token |
 //!
 //! What it does not do: open public listeners (the edge-agent does) or
@@ -31,5 +32,6 @@ pub mod portmap;
 pub mod protocol;
 pub mod relay;
 pub mod shutdown;
+pub mod sockopt;
 pub mod tls;
 pub mod tunnel;

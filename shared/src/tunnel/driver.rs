@@ -119,15 +119,21 @@ impl TunnelHandle {
 #[error("the tunnel driver has stopped")]
 pub struct TunnelStopped;
 
-/// Packets per TUN read: one TSO super-packet yields up to about 45 MTU
-/// packets.
-const BATCH: usize = 64;
+/// Packets gathered from the TUN per batch.
+const BATCH: usize = 128;
+/// Packets one offloaded super-packet may be cut into: about 48 for TCP
+/// (64 KiB in 1380-byte segments), at most 64 for UDP (the GSO limit).
+/// A read needs room for this many, or tun-rs refuses the packet.
+const TSO_SEGMENTS_MAX: usize = 64;
 /// Room before each packet in a TUN buffer: the 10-byte virtio header the
 /// offload path writes in front, with spare for alignment.
 const OFFSET: usize = 16;
-/// Capacity of each TUN write buffer: GRO coalesces segments into the
-/// first buffer of a flow, up to 64 KiB, and tun-rs needs twice the offset.
-const TUN_BUF_CAP: usize = 65535 + 2 * OFFSET + 64;
+/// Capacity of each TUN write buffer, exactly. GRO coalesces a flow's
+/// packets into its first buffer while they fit the capacity (less twice
+/// the offset), and that is tun-rs's only bound on UDP: one byte more and
+/// a coalesced packet passes 65535 bytes, its IP length wraps and the
+/// kernel cuts it into garbage.
+const TUN_BUF_CAP: usize = 65535 + 2 * OFFSET;
 
 /// State shared by the send and receive pipelines and the timer.
 ///
@@ -171,7 +177,7 @@ pub fn spawn(
     shutdown: CancellationToken,
 ) -> std::io::Result<TunnelHandle> {
     let udp_state = UdpSocketState::new((&udp).into())?;
-    allow_fragmentation(&udp);
+    crate::sockopt::allow_fragmentation(&udp);
     let (commands, command_rx) = mpsc::channel(8);
     let (stats_tx, stats) = watch::channel(TunnelStats::default());
     let public = PublicKey::from(&spec.private_key);
@@ -337,7 +343,7 @@ async fn send_pipeline(ctx: Arc<Context>, shutdown: CancellationToken) {
     let mut large = vec![0u8; MAX_PACKET + 32];
     let mut oversized: Vec<Vec<u8>> = Vec::new();
     loop {
-        let n = tokio::select! {
+        let mut n = tokio::select! {
             () = shutdown.cancelled() => break,
             r = ctx.tun.recv_multiple(&mut original, &mut bufs, &mut sizes, OFFSET) => match r {
                 Ok(n) => n,
@@ -347,6 +353,22 @@ async fn send_pipeline(ctx: Arc<Context>, shutdown: CancellationToken) {
                 }
             },
         };
+        // Small packets (UDP flows, many flows' ACKs) come one per read:
+        // take what else is queued, so they too leave in GSO runs.
+        while n + TSO_SEGMENTS_MAX <= BATCH {
+            match ctx
+                .tun
+                .try_recv_multiple(&mut original, &mut bufs[n..], &mut sizes[n..], OFFSET)
+            {
+                Ok(0) => break,
+                Ok(m) => n += m,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    debug!(error = %e, "TUN read failed");
+                    break;
+                }
+            }
+        }
         lens.clear();
         oversized.clear();
         let to = {
@@ -649,26 +671,86 @@ pub fn short_key(key: &[u8; 32]) -> String {
     s[..8].to_owned()
 }
 
-/// Lets the kernel fragment outer datagrams again, as kernel WireGuard and
-/// wireguard-go do: quinn-udp sets "probe" path-MTU discovery, which sends
-/// with DF and ignores the path MTU, and a home link below 1480 bytes
-/// (DS-Lite, some mobile links) would then black-hole full-sized packets
-/// once the handshake is up.
-#[allow(unsafe_code)]
-fn allow_fragmentation<F: std::os::fd::AsFd>(socket: &F) {
-    use nix::libc;
-    use std::os::fd::AsRawFd;
-    let fd = socket.as_fd().as_raw_fd();
-    let dont: libc::c_int = libc::IP_PMTUDISC_DONT;
-    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4);
-    for (level, name) in [
-        (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER),
-        (libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER),
-    ] {
-        // SAFETY: `fd` is a live socket borrowed for this call and the
-        // option value is a c_int that outlives it. An IPv4 socket refuses
-        // the IPv6 option, which is harmless.
-        let _ = unsafe { libc::setsockopt(fd, level, name, std::ptr::from_ref(&dont).cast(), len) };
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
+mod tests {
+    use super::*;
+
+    /// Internet checksum (RFC 1071) of `data`, continuing from `sum`.
+    fn csum(data: &[u8], mut sum: u32) -> u16 {
+        for pair in data.chunks(2) {
+            let hi = u32::from(pair[0]) << 8;
+            sum += hi | pair.get(1).map_or(0, |&b| u32::from(b));
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
     }
-    let _ = nix::sys::socket::setsockopt(socket, nix::sys::socket::sockopt::Ipv6DontFrag, &false);
+
+    /// An IPv4 UDP packet 10.77.0.1:51820 → 10.77.0.2:7002 behind `OFFSET`
+    /// bytes of room, as the receive pipeline hands them to the TUN.
+    fn udp_packet(id: u16, payload_len: usize) -> Vec<u8> {
+        let (src, dst) = ([10, 77, 0, 1], [10, 77, 0, 2]);
+        let total = 20 + 8 + payload_len;
+        let mut p = Vec::with_capacity(TUN_BUF_CAP);
+        p.resize(OFFSET, 0);
+        p.extend_from_slice(&[0x45, 0, 0, 0, 0, 0, 0, 0, 64, 17, 0, 0]);
+        p[OFFSET + 2..OFFSET + 4].copy_from_slice(&(total as u16).to_be_bytes());
+        p[OFFSET + 4..OFFSET + 6].copy_from_slice(&id.to_be_bytes());
+        p.extend_from_slice(&src);
+        p.extend_from_slice(&dst);
+        let ip_sum = csum(&p[OFFSET..OFFSET + 20], 0);
+        p[OFFSET + 10..OFFSET + 12].copy_from_slice(&ip_sum.to_be_bytes());
+        let udp_len = (8 + payload_len) as u16;
+        p.extend_from_slice(&51820u16.to_be_bytes());
+        p.extend_from_slice(&7002u16.to_be_bytes());
+        p.extend_from_slice(&udp_len.to_be_bytes());
+        p.extend_from_slice(&[0, 0]);
+        p.extend((0..payload_len).map(|i| (i as u8) ^ (id as u8)));
+        let pseudo: u32 = [src, dst]
+            .iter()
+            .map(|a| {
+                u32::from(u16::from_be_bytes([a[0], a[1]]))
+                    + u32::from(u16::from_be_bytes([a[2], a[3]]))
+            })
+            .sum::<u32>()
+            + 17
+            + u32::from(udp_len);
+        let udp_sum = csum(&p[OFFSET + 20..], pseudo);
+        p[OFFSET + 26..OFFSET + 28].copy_from_slice(&udp_sum.to_be_bytes());
+        p
+    }
+
+    /// 64 equal UDP packets of one flow: more than 64 KiB together. What
+    /// GRO hands to the TUN must stay within an IP packet's 65535 bytes.
+    #[test]
+    fn coalesced_udp_stays_within_an_ip_packet() {
+        let mut bufs: Vec<Vec<u8>> = (0..64).map(|i| udp_packet(i, 1214)).collect();
+        let mut to_write = Vec::new();
+        tun_rs::handle_gro(
+            &mut bufs,
+            OFFSET,
+            &mut Default::default(),
+            &mut Default::default(),
+            true,
+            &mut to_write,
+        )
+        .expect("GRO pass");
+        assert!(to_write.len() >= 2, "64 × 1242 bytes cannot be one packet");
+        for &i in &to_write {
+            let packet = &bufs[i][OFFSET..];
+            let ip_len = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
+            assert!(
+                packet.len() <= 65535,
+                "coalesced packet of {} bytes",
+                packet.len()
+            );
+            assert_eq!(
+                ip_len,
+                packet.len(),
+                "IP length field of a coalesced packet"
+            );
+        }
+    }
 }
