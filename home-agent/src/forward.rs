@@ -337,6 +337,8 @@ async fn open_udp_flow(
             return None;
         }
     };
+    // A target's burst of replies waits here while the tunnel catches up.
+    skerry::tunnel::driver::size_socket_buffers(&socket);
     if let Err(e) = socket.connect(target).await {
         debug!(%target, error = %e, "cannot reach UDP target");
         return None;

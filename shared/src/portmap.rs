@@ -95,6 +95,8 @@ pub enum PortSpecError {
     DuplicateOption { option: String },
     #[error("empty option in `{spec}` (remove the doubled or trailing comma)")]
     EmptyOption { spec: String },
+    #[error("PROXY protocol v1 has no form for UDP (use proxy=v2, or no proxy)")]
+    ProxyV1OverUdp,
     #[error("unknown PROXY protocol version `{version}` (use v1 or v2)")]
     UnknownProxy { version: String },
     #[error("`{text}` is not a CIDR (write ADDR/PREFIX, e.g. 203.0.113.0/24 or 2001:db8::/32)")]
@@ -702,6 +704,9 @@ impl FromStr for PortSpec {
             }
         }
 
+        if protocol == Protocol::Udp && proxy == Some(ProxyProtocol::V1) {
+            return Err(E::ProxyV1OverUdp);
+        }
         Ok(Self {
             protocol,
             ports,
@@ -1191,6 +1196,11 @@ mod tests {
                 "empty option",
             ),
             (
+                "udp/27015=1.2.3.4:27015,proxy=v1",
+                E::ProxyV1OverUdp,
+                "PROXY protocol v1 has no form for UDP (use proxy=v2",
+            ),
+            (
                 "tcp/80=1.2.3.4:80,proxy=v3",
                 E::UnknownProxy {
                     version: "v3".into(),
@@ -1635,6 +1645,11 @@ mod tests {
                 )
             })
             .prop_map(|(protocol, ports, ip, port, scope, proxy, policy)| {
+                // v1 is TCP-only; the parser refuses it on UDP.
+                let proxy = match (protocol, proxy) {
+                    (Protocol::Udp, Some(ProxyProtocol::V1)) => Some(ProxyProtocol::V2),
+                    (_, p) => p,
+                };
                 let target = match ip {
                     IpAddr::V4(_) => SocketAddr::new(ip, port),
                     IpAddr::V6(v6) => SocketAddr::V6(SocketAddrV6::new(v6, port, 0, scope)),

@@ -55,8 +55,9 @@ async fn attempt(ep: &quinn::Endpoint, edge: SocketAddr, bytes: &[u8]) -> Result
 fn hostile_control_clients_are_refused_and_the_real_session_carries_on() {
     skerry_tests::init_tracing();
     let pair = Pair::start(&[&format!("tcp/9000={TCP_TARGET}")]);
-    let _svc = spawn_in(&pair.topo.home, || async {
-        tcp_digest_server(TcpListener::bind(TCP_TARGET).await.expect("bind")).await;
+    let target = skerry_tests::tcp_listener_in(&pair.topo.home, TCP_TARGET.parse().unwrap());
+    let _svc = spawn_in(&pair.topo.home, move || async move {
+        tcp_digest_server(TcpListener::from_std(target).expect("listener")).await;
     });
     let other_dir = std::env::temp_dir().join(unique("skerry-otherca"));
     let other = HomePki::load_or_create(&other_dir).expect("second CA");
@@ -173,8 +174,9 @@ fn wireguard_from_a_key_not_announced_is_ignored() {
     use boringtun::x25519::{PublicKey, StaticSecret};
     skerry_tests::init_tracing();
     let pair = Pair::start(&[&format!("tcp/9000={TCP_TARGET}")]);
-    let _svc = spawn_in(&pair.topo.home, || async {
-        tcp_digest_server(TcpListener::bind(TCP_TARGET).await.expect("bind")).await;
+    let target = skerry_tests::tcp_listener_in(&pair.topo.home, TCP_TARGET.parse().unwrap());
+    let _svc = spawn_in(&pair.topo.home, move || async move {
+        tcp_digest_server(TcpListener::from_std(target).expect("listener")).await;
     });
     let edge_key = pair
         .status

@@ -53,14 +53,17 @@ fn tcp_and_udp_cross_the_tunnel_intact() {
             .all(|r| r.status == EntryStatus::Listening),
         "{applied:?}"
     );
-    let _services = spawn_in(&pair.topo.home, || async {
-        let tcp = TcpListener::bind(TCP_TARGET)
-            .await
-            .expect("bind tcp target");
-        let udp = UdpSocket::bind(UDP_TARGET).await.expect("bind udp target");
-        let proxy = TcpListener::bind(PROXY_TARGET)
-            .await
-            .expect("bind proxy target");
+    // Bound before the first client connects; served in the background.
+    let home = &pair.topo.home;
+    let tcp = skerry_tests::tcp_listener_in(home, TCP_TARGET.parse().unwrap());
+    let udp = skerry_tests::udp_socket_in(home, UDP_TARGET.parse().unwrap());
+    // Room for the whole GSO burst below, however late the echo runs.
+    skerry::tunnel::driver::size_socket_buffers(&udp);
+    let proxy = skerry_tests::tcp_listener_in(home, PROXY_TARGET.parse().unwrap());
+    let _services = spawn_in(home, move || async move {
+        let tcp = TcpListener::from_std(tcp).expect("tcp target");
+        let udp = UdpSocket::from_std(udp).expect("udp target");
+        let proxy = TcpListener::from_std(proxy).expect("proxy target");
         tokio::join!(
             tcp_digest_server(tcp),
             udp_echo_server(udp),
@@ -181,6 +184,7 @@ async fn udp_gso_burst(dest: SocketAddr) {
     const COUNT: usize = 50;
     const SIZE: usize = 1200;
     let sock = UdpSocket::bind("0.0.0.0:0").await.unwrap();
+    skerry::tunnel::driver::size_socket_buffers(&sock);
     let state = UdpSocketState::new((&sock).into()).unwrap();
     assert!(state.max_gso_segments() > 1, "this kernel has no UDP GSO");
     let datagram = |b: usize, i: usize| -> Vec<u8> {
@@ -262,8 +266,9 @@ fn invalid_and_reserved_entries_are_refused_alone() {
     assert_eq!(status("tcp/9100"), EntryStatus::InUse);
     assert_eq!(status("tcp/9200-9201"), EntryStatus::Listening);
 
-    let _svc = spawn_in(&pair.topo.home, || async {
-        tcp_digest_server(TcpListener::bind(TCP_TARGET).await.expect("bind")).await;
+    let target = skerry_tests::tcp_listener_in(&pair.topo.home, TCP_TARGET.parse().unwrap());
+    let _svc = spawn_in(&pair.topo.home, move || async move {
+        tcp_digest_server(TcpListener::from_std(target).expect("listener")).await;
     });
     let v4 = pair.topo.edge_public_v4;
     run_in(&pair.topo.client, move || async move {

@@ -63,11 +63,16 @@ async fn proxy_v2_server(l: TcpListener) {
     }
 }
 
+/// The home's services, listening before this returns.
 fn services(pair: &Pair) -> skerry_tests::Background {
-    spawn_in(&pair.topo.home, || async {
-        let echo = TcpListener::bind(ECHO).await.unwrap();
-        let hello = TcpListener::bind(HELLO_NEW).await.unwrap();
-        let proxy = TcpListener::bind(PROXY_V2).await.unwrap();
+    let home = &pair.topo.home;
+    let echo = skerry_tests::tcp_listener_in(home, ECHO.parse().unwrap());
+    let hello = skerry_tests::tcp_listener_in(home, HELLO_NEW.parse().unwrap());
+    let proxy = skerry_tests::tcp_listener_in(home, PROXY_V2.parse().unwrap());
+    spawn_in(home, move || async move {
+        let echo = TcpListener::from_std(echo).unwrap();
+        let hello = TcpListener::from_std(hello).unwrap();
+        let proxy = TcpListener::from_std(proxy).unwrap();
         tokio::join!(
             echo_server(echo),
             hello_server(hello, "new target"),
@@ -459,9 +464,9 @@ fn idle_udp_flows_expire() {
             ..PairOptions::default()
         },
     );
-    let _echo = spawn_in(&pair.topo.home, || async {
-        skerry_tests::udp_echo_server(tokio::net::UdpSocket::bind("127.0.0.1:8005").await.unwrap())
-            .await;
+    let echo = skerry_tests::udp_socket_in(&pair.topo.home, "127.0.0.1:8005".parse().unwrap());
+    let _echo = spawn_in(&pair.topo.home, move || async move {
+        skerry_tests::udp_echo_server(tokio::net::UdpSocket::from_std(echo).unwrap()).await;
     });
     let v4 = pair.topo.edge_public_v4;
     run_in(&pair.topo.client, move || async move {
