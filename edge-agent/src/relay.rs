@@ -18,7 +18,7 @@ use std::io::IoSliceMut;
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info_span, trace, warn};
+use tracing::{Instrument, debug, debug_span, trace, warn};
 
 use crate::ports::PortShared;
 use crate::udp_flows::FlowTable;
@@ -142,7 +142,8 @@ pub async fn tcp_accept_loop(
             debug!(port = port.port, %client, max, "refused: port at max-conns");
             continue;
         }
-        let span = info_span!("flow", port = port.port, %client);
+        // Flows log at debug level only: no span work per connection otherwise.
+        let span = debug_span!("flow", port = port.port, %client);
         let port = port.clone();
         let ctx = ctx.clone();
         tokio::spawn(

@@ -18,7 +18,7 @@ use std::io::IoSliceMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info_span, trace, warn};
+use tracing::{Instrument, debug, debug_span, trace, warn};
 
 use crate::proxy_protocol;
 
@@ -160,7 +160,7 @@ async fn tcp_flow(mut tunnel: TcpStream, fwd: &Forwarding) -> anyhow::Result<()>
     .await
     .map_err(|_| anyhow::anyhow!("no flow header within {HEADER_TIMEOUT:?}"))??;
     let early = buf[used..have].to_vec();
-    let span = info_span!("flow", port = header.public_port, client = %header.client);
+    let span = debug_span!("flow", port = header.public_port, client = %header.client);
     async move {
         let map = fwd.map();
         let Some(spec) = map.lookup(Protocol::Tcp, header.public_port) else {
@@ -353,7 +353,7 @@ async fn open_udp_flow(
         last_seen: last_seen.clone(),
     };
     let fwd = fwd.clone();
-    let span = info_span!("udp_flow", port = header.public_port, client = %header.client, flow = header.flow_id);
+    let span = debug_span!("udp_flow", port = header.public_port, client = %header.client, flow = header.flow_id);
     tokio::spawn(
         async move {
             let _guard = FlowGuard::new(&fwd, (Protocol::Udp, header.public_port));
