@@ -11,10 +11,10 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
+use quinn_udp::{Transmit, UdpSocketState};
 use skerry::flow::{DatagramHeader, FlowHeader, MAX_DATAGRAM_HEADER_LEN};
 use skerry::portmap::Protocol;
-use std::io::IoSliceMut;
+use skerry::udp_batch::RecvBatch;
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
@@ -207,7 +207,8 @@ async fn tcp_flow(
 /// holds a run of up to 64 datagrams from one client. Only the bytes
 /// received are ever touched, so idle slots cost no memory.
 const UDP_RX_SLOTS: usize = 16;
-const UDP_RX_SLOT_BYTES: usize = 65536;
+/// The same for replies from home on the tunnel socket.
+const UDP_REPLY_SLOTS: usize = 4;
 /// Header and payload of one datagram to home must fit the tunnel's MTU
 /// (less IPv4 and UDP headers) for GSO; larger ones go one by one and are
 /// fragmented inside the tunnel.
@@ -233,21 +234,14 @@ pub async fn udp_receive_loop(
         }
     };
     skerry::sockopt::allow_fragmentation(&*socket);
-    let mut storage = vec![0u8; UDP_RX_SLOTS * UDP_RX_SLOT_BYTES];
-    let mut slots: Vec<IoSliceMut<'_>> = storage
-        .chunks_mut(UDP_RX_SLOT_BYTES)
-        .map(IoSliceMut::new)
-        .collect();
-    let mut metas = [RecvMeta::default(); UDP_RX_SLOTS];
+    let mut batch = RecvBatch::<UDP_RX_SLOTS>::new();
     let mut header = Vec::with_capacity(MAX_DATAGRAM_HEADER_LEN);
     let mut out: Vec<u8> = Vec::with_capacity(GSO_MAX_BYTES + MAX_UDP_PAYLOAD);
     let mut run = Run::default();
     loop {
         let received = tokio::select! {
             () = stop.cancelled() => break,
-            r = socket.async_io(Interest::READABLE, || {
-                state.recv((&*socket).into(), &mut slots, &mut metas)
-            }) => r,
+            r = batch.recv(&socket, &state) => r,
         };
         let count = match received {
             Ok(n) => n,
@@ -256,8 +250,11 @@ pub async fn udp_receive_loop(
                 continue;
             }
         };
-        for (meta, slot) in metas[..count].iter().zip(slots.iter()) {
-            let client = SocketAddr::new(meta.addr.ip().to_canonical(), meta.addr.port());
+        for i in 0..count {
+            let Some((from, stride, bytes)) = batch.buffer(i) else {
+                continue;
+            };
+            let client = SocketAddr::new(from.ip().to_canonical(), from.port());
             let policy = port.policy();
             if !policy.admits(client.ip()) {
                 trace!(port = port.port, %client, "datagram refused: source not in allow list");
@@ -281,7 +278,6 @@ pub async fn udp_receive_loop(
                 client,
             }
             .encode(&mut header);
-            let stride = meta.stride.max(1);
             let segment = header.len() + stride;
             // A run continues across receive buffers while the datagrams
             // are the same client's and the same size: GSO cuts a run
@@ -296,7 +292,7 @@ pub async fn udp_receive_loop(
                     closed: false,
                 };
             }
-            for payload in slot[..meta.len].chunks(stride) {
+            for payload in bytes.chunks(stride) {
                 // One segment per send when GSO cannot carry it.
                 if run.closed
                     || segment > GSO_SEGMENT_MAX
@@ -357,12 +353,7 @@ async fn send_home(ctx: &RelayContext, run: &[u8], segment: usize) {
 /// idle flows. The tunnel socket has GRO on (see [`RelayContext::new`]):
 /// a buffer may hold a run of datagrams, each behind its own header.
 pub async fn udp_reply_loop(ctx: Arc<RelayContext>, shutdown: CancellationToken) {
-    let mut storage = vec![0u8; UDP_RX_SLOTS * UDP_RX_SLOT_BYTES];
-    let mut slots: Vec<IoSliceMut<'_>> = storage
-        .chunks_mut(UDP_RX_SLOT_BYTES)
-        .map(IoSliceMut::new)
-        .collect();
-    let mut metas = [RecvMeta::default(); UDP_RX_SLOTS];
+    let mut batch = RecvBatch::<UDP_REPLY_SLOTS>::new();
     let mut sweep = tokio::time::interval(Duration::from_secs(1).min(ctx.udp_idle));
     loop {
         let received = tokio::select! {
@@ -372,26 +363,18 @@ pub async fn udp_reply_loop(ctx: Arc<RelayContext>, shutdown: CancellationToken)
                 if n > 0 { trace!(expired = n, "UDP flows expired"); }
                 continue;
             }
-            r = ctx.tunnel_udp.async_io(Interest::READABLE, || {
-                ctx.tunnel_udp_state.recv((&*ctx.tunnel_udp).into(), &mut slots, &mut metas)
-            }) => r,
+            r = batch.recv(&ctx.tunnel_udp, &ctx.tunnel_udp_state) => r,
         };
-        let count = match received {
-            Ok(n) => n,
-            Err(e) => {
-                debug!(error = %e, "tunnel UDP receive failed");
-                continue;
-            }
-        };
-        for (meta, slot) in metas[..count].iter().zip(slots.iter()) {
-            let from = meta.addr;
+        if let Err(e) = received {
+            debug!(error = %e, "tunnel UDP receive failed");
+            continue;
+        }
+        for (from, datagram) in batch.datagrams() {
             if from.ip().to_canonical() != ctx.home_udp.ip() {
                 trace!(%from, "datagram on the tunnel socket not from home; dropped");
                 continue;
             }
-            for datagram in slot[..meta.len].chunks(meta.stride.max(1)) {
-                reply_to_client(&ctx, datagram, from).await;
-            }
+            reply_to_client(&ctx, datagram, from).await;
         }
     }
 }

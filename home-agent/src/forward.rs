@@ -11,11 +11,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use quinn_udp::{RecvMeta, UdpSocketState};
+use quinn_udp::UdpSocketState;
 use skerry::flow::{DatagramHeader, FlowHeader, MAX_DATAGRAM_HEADER_LEN, MAX_FLOW_HEADER_LEN};
 use skerry::portmap::{PortMap, Protocol};
-use std::io::IoSliceMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use skerry::udp_batch::RecvBatch;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span, trace, warn};
@@ -210,7 +210,6 @@ struct UdpFlow {
 /// Receive buffers per `recvmmsg` on the flow socket; with GRO each holds
 /// a run of up to 64 datagrams from the edge.
 const UDP_RX_SLOTS: usize = 4;
-const UDP_RX_SLOT_BYTES: usize = 65536;
 
 /// Carries UDP datagrams between the edge and targets until `shutdown`.
 ///
@@ -228,12 +227,7 @@ pub async fn udp_flows(tunnel: Arc<UdpSocket>, fwd: Arc<Forwarding>, shutdown: C
     skerry::sockopt::allow_fragmentation(&*tunnel);
     let started = Instant::now();
     let mut flows: HashMap<u32, UdpFlow> = HashMap::new();
-    let mut storage = vec![0u8; UDP_RX_SLOTS * UDP_RX_SLOT_BYTES];
-    let mut slots: Vec<IoSliceMut<'_>> = storage
-        .chunks_mut(UDP_RX_SLOT_BYTES)
-        .map(IoSliceMut::new)
-        .collect();
-    let mut metas = [RecvMeta::default(); UDP_RX_SLOTS];
+    let mut batch = RecvBatch::<UDP_RX_SLOTS>::new();
     let mut sweep = tokio::time::interval(Duration::from_secs(1).min(fwd.udp_idle));
     loop {
         let count = tokio::select! {
@@ -244,22 +238,20 @@ pub async fn udp_flows(tunnel: Arc<UdpSocket>, fwd: Arc<Forwarding>, shutdown: C
                 flows.retain(|_, f| now.saturating_sub(f.last_seen.load(Ordering::Relaxed)) <= idle);
                 continue;
             }
-            r = tunnel.async_io(Interest::READABLE, || {
-                state.recv((&*tunnel).into(), &mut slots, &mut metas)
-            }) => match r {
+            r = batch.recv(&tunnel, &state) => match r {
                 Ok(n) => n,
                 Err(e) => { debug!(error = %e, "tunnel UDP receive failed"); continue; }
             },
         };
-        for (meta, slot) in metas[..count].iter().zip(slots.iter()) {
-            let from = meta.addr;
+        if count == 0 {
+            continue;
+        }
+        for (from, datagram) in batch.datagrams() {
             if from.ip().to_canonical() != IpAddr::V4(fwd.edge_tunnel) {
                 trace!(%from, "datagram not from the edge's tunnel address; dropped");
                 continue;
             }
-            for datagram in slot[..meta.len].chunks(meta.stride.max(1)) {
-                to_target(&fwd, &mut flows, datagram, from, &tunnel, started).await;
-            }
+            to_target(&fwd, &mut flows, datagram, from, &tunnel, started).await;
         }
     }
 }

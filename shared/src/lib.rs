@@ -13,6 +13,7 @@
 //! | [`paths`] | state, config and runtime locations; the lock that keeps one agent per edge |
 //! | [`relay`] | a TCP flow's bytes between two connections, with splice(2) |
 //! | [`tunnel`] | the WireGuard data plane: boringtun over a TUN device set up with rtnetlink |
+//! | [`udp_batch`] | batched UDP receive (`recvmmsg`, GRO) for every data-path socket |
 //! | [`netns`] | network namespaces: the embedded local edge and the tests |
 //! | [`sockopt`] | socket options no crate wraps (fragmentation, `TCP_DEFER_ACCEPT`) |
 //! | [`shutdown`] | SIGINT and SIGTERM to a cancellation token |
@@ -35,3 +36,4 @@ pub mod shutdown;
 pub mod sockopt;
 pub mod tls;
 pub mod tunnel;
+pub mod udp_batch;

@@ -15,7 +15,9 @@ use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
-use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
+use quinn_udp::{Transmit, UdpSocketState};
+
+use crate::udp_batch::RecvBatch;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -467,8 +469,6 @@ async fn send_datagrams(ctx: &Context, run: &[u8], segment: usize, to: SocketAdd
 /// datagrams of one flow, so a few cover a whole burst; more would only
 /// add resident memory (every slot is touched whole once GRO fills it).
 const RX_SLOTS: usize = 4;
-/// One GRO super-datagram is at most 64 KiB.
-const RX_SLOT_BYTES: usize = 65536;
 /// Decrypted packets handed to the TUN in one GRO pass: one full GRO
 /// receive. Any buffer may become a flow's 64 KiB coalescing head, so this
 /// bounds the pipeline's resident memory at about 4 MiB.
@@ -478,12 +478,7 @@ const TUN_BATCH: usize = 64;
 /// runs of datagrams arrive as one buffer), decrypts it under one lock
 /// straight into the TUN buffers, and writes them in one GRO-coalesced batch.
 async fn receive_pipeline(ctx: Arc<Context>, shutdown: CancellationToken) {
-    let mut storage = vec![0u8; RX_SLOTS * RX_SLOT_BYTES];
-    let mut slots: Vec<std::io::IoSliceMut<'_>> = storage
-        .chunks_mut(RX_SLOT_BYTES)
-        .map(std::io::IoSliceMut::new)
-        .collect();
-    let mut metas = [RecvMeta::default(); RX_SLOTS];
+    let mut batch = RecvBatch::<RX_SLOTS>::new();
     let mut tun_bufs: Vec<Vec<u8>> = (0..TUN_BATCH)
         .map(|_| Vec::with_capacity(TUN_BUF_CAP))
         .collect();
@@ -493,9 +488,7 @@ async fn receive_pipeline(ctx: Arc<Context>, shutdown: CancellationToken) {
     loop {
         let received = tokio::select! {
             () = shutdown.cancelled() => break,
-            r = ctx.udp.async_io(tokio::io::Interest::READABLE, || {
-                ctx.udp_state.recv((&ctx.udp).into(), &mut slots, &mut metas)
-            }) => r,
+            r = batch.recv(&ctx.udp, &ctx.udp_state) => r,
         };
         let count = match received {
             Ok(n) => n,
@@ -510,14 +503,11 @@ async fn receive_pipeline(ctx: Arc<Context>, shutdown: CancellationToken) {
             {
                 let mut sh = ctx.lock();
                 let sh = &mut *sh;
-                while next < count {
-                    let meta = &metas[next];
-                    let stride = meta.stride.max(1);
-                    if ready > 0 && ready + meta.len.div_ceil(stride) > TUN_BATCH {
+                while let Some((from, stride, bytes)) = batch.buffer(next) {
+                    if ready > 0 && ready + bytes.len().div_ceil(stride) > TUN_BATCH {
                         break;
                     }
-                    let from = meta.addr;
-                    for datagram in slots[next][..meta.len].chunks(stride) {
+                    for datagram in bytes.chunks(stride) {
                         let Some(buf) = tun_bufs.get_mut(ready) else {
                             debug!("more datagrams in one receive than TUN buffers; dropped");
                             break;
