@@ -11,11 +11,11 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use quinn_udp::{Transmit, UdpSocketState};
+use quinn_udp::UdpSocketState;
 use skerry::flow::{DatagramHeader, FlowHeader, MAX_DATAGRAM_HEADER_LEN};
 use skerry::portmap::Protocol;
-use skerry::udp_batch::RecvBatch;
-use tokio::io::{AsyncWriteExt, Interest};
+use skerry::udp_batch::{self, GSO_MAX_BYTES, RecvBatch};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span, trace, warn};
@@ -55,9 +55,7 @@ impl RelayContext {
         tunnel_udp: Arc<UdpSocket>,
         udp_idle: Duration,
     ) -> std::io::Result<Self> {
-        let tunnel_udp_state = UdpSocketState::new((&*tunnel_udp).into())?;
-        // Datagrams larger than the tunnel's MTU are fragmented, not refused.
-        skerry::sockopt::allow_fragmentation(&*tunnel_udp);
+        let tunnel_udp_state = udp_batch::socket_state(&tunnel_udp)?;
         Ok(RelayContext {
             home_tcp,
             home_udp,
@@ -213,8 +211,6 @@ const UDP_REPLY_SLOTS: usize = 4;
 /// (less IPv4 and UDP headers) for GSO; larger ones go one by one and are
 /// fragmented inside the tunnel.
 const GSO_SEGMENT_MAX: usize = skerry::tunnel::device::DEFAULT_MTU as usize - 28;
-/// A GSO send is one UDP datagram to the kernel: under 64 KiB in all.
-const GSO_MAX_BYTES: usize = 65_000;
 
 /// Reads public datagrams on one port and sends them home: a `recvmmsg`
 /// gathers what is waiting (GRO hands over a client's run of datagrams in
@@ -226,14 +222,13 @@ pub async fn udp_receive_loop(
     ctx: Arc<RelayContext>,
     stop: CancellationToken,
 ) {
-    let state = match UdpSocketState::new((&*socket).into()) {
+    let state = match udp_batch::socket_state(&socket) {
         Ok(s) => s,
         Err(e) => {
             warn!(port = port.port, error = %e, "public UDP socket refused batched I/O; port not served");
             return;
         }
     };
-    skerry::sockopt::allow_fragmentation(&*socket);
     let mut batch = RecvBatch::<UDP_RX_SLOTS>::new();
     let mut header = Vec::with_capacity(MAX_DATAGRAM_HEADER_LEN);
     let mut out: Vec<u8> = Vec::with_capacity(GSO_MAX_BYTES + MAX_UDP_PAYLOAD);
@@ -324,27 +319,17 @@ struct Run {
     closed: bool,
 }
 
-/// Sends `run` (datagrams of `segment` bytes, the last maybe shorter) to
-/// the home-agent's flow socket. quinn-udp logs failures, rate-limited.
+/// Sends a run of datagrams to the home-agent's flow socket.
 async fn send_home(ctx: &RelayContext, run: &[u8], segment: usize) {
-    if run.is_empty() {
-        return;
-    }
-    let transmit = Transmit {
-        destination: ctx.home_udp,
-        ecn: None,
-        contents: run,
-        segment_size: (run.len() > segment).then_some(segment),
-        src_ip: None,
-    };
-    if let Err(e) = ctx
-        .tunnel_udp
-        .async_io(Interest::WRITABLE, || {
-            ctx.tunnel_udp_state
-                .send((&*ctx.tunnel_udp).into(), &transmit)
-        })
-        .await
-    {
+    let sent = udp_batch::send_run(
+        &ctx.tunnel_udp,
+        &ctx.tunnel_udp_state,
+        ctx.home_udp,
+        run,
+        segment,
+    )
+    .await;
+    if let Err(e) = sent {
         trace!(error = %e, "datagrams to home not sent");
     }
 }

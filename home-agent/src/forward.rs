@@ -11,10 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use quinn_udp::UdpSocketState;
 use skerry::flow::{DatagramHeader, FlowHeader, MAX_DATAGRAM_HEADER_LEN, MAX_FLOW_HEADER_LEN};
 use skerry::portmap::{PortMap, Protocol};
-use skerry::udp_batch::RecvBatch;
+use skerry::udp_batch::{self, RecvBatch};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
@@ -216,21 +215,19 @@ const UDP_RX_SLOTS: usize = 4;
 /// The flow socket has GRO on: one `recvmmsg` takes what the edge sent in
 /// a burst, each datagram behind its own header (a run may mix flows).
 pub async fn udp_flows(tunnel: Arc<UdpSocket>, fwd: Arc<Forwarding>, shutdown: CancellationToken) {
-    let state = match UdpSocketState::new((&*tunnel).into()) {
+    let state = match udp_batch::socket_state(&tunnel) {
         Ok(s) => s,
         Err(e) => {
             warn!(error = %e, "the UDP flow socket refused batched I/O; UDP ports are not served");
             return;
         }
     };
-    // Replies larger than the tunnel's MTU are fragmented, not refused.
-    skerry::sockopt::allow_fragmentation(&*tunnel);
     let started = Instant::now();
     let mut flows: HashMap<u32, UdpFlow> = HashMap::new();
     let mut batch = RecvBatch::<UDP_RX_SLOTS>::new();
     let mut sweep = tokio::time::interval(Duration::from_secs(1).min(fwd.udp_idle));
     loop {
-        let count = tokio::select! {
+        tokio::select! {
             () = shutdown.cancelled() => break,
             _ = sweep.tick() => {
                 let now = elapsed_ms(started);
@@ -238,13 +235,10 @@ pub async fn udp_flows(tunnel: Arc<UdpSocket>, fwd: Arc<Forwarding>, shutdown: C
                 flows.retain(|_, f| now.saturating_sub(f.last_seen.load(Ordering::Relaxed)) <= idle);
                 continue;
             }
-            r = batch.recv(&tunnel, &state) => match r {
-                Ok(n) => n,
-                Err(e) => { debug!(error = %e, "tunnel UDP receive failed"); continue; }
+            r = batch.recv(&tunnel, &state) => if let Err(e) = r {
+                debug!(error = %e, "tunnel UDP receive failed");
+                continue;
             },
-        };
-        if count == 0 {
-            continue;
         }
         for (from, datagram) in batch.datagrams() {
             if from.ip().to_canonical() != IpAddr::V4(fwd.edge_tunnel) {

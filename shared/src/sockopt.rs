@@ -38,8 +38,9 @@ fn set_int<F: AsFd>(
 /// wireguard-go do (no DF bit). quinn-udp asks for "probe" path-MTU
 /// discovery, which sends with DF and ignores the path MTU: behind a home
 /// link below 1480 bytes (DS-Lite, some mobile links) full-sized packets
-/// would vanish once the handshake is up.
-pub fn allow_fragmentation<F: AsFd>(socket: &F) {
+/// would vanish once the handshake is up. Applied by
+/// [`udp_batch::socket_state`](crate::udp_batch::socket_state).
+pub(crate) fn allow_fragmentation<F: AsFd>(socket: &F) {
     // An IPv4 socket refuses the IPv6 options, which is harmless.
     let _ = set_int(
         socket,

@@ -1,13 +1,54 @@
-//! Batched UDP receive for every socket on the data path: one `recvmmsg`
-//! takes what is queued, and with UDP GRO (quinn-udp turns it on) each
-//! buffer may hold a run of equal-sized datagrams from one source.
+//! Batched UDP I/O for every socket on the data path, through quinn-udp:
+//! one `recvmmsg` takes what is queued, and with UDP GRO each buffer may
+//! hold a run of equal-sized datagrams from one source; a run of datagrams
+//! goes out in one GSO `sendmsg`.
 
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 
-use quinn_udp::{RecvMeta, UdpSocketState};
+use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
+
+/// A GSO send is one UDP datagram to the kernel: the whole run stays under
+/// 64 KiB.
+pub const GSO_MAX_BYTES: usize = 65_000;
+
+/// Readies `socket` for batched I/O (GRO on) and returns its quinn-udp
+/// state. quinn-udp also asks for "probe" path-MTU discovery (DF set, path
+/// MTU ignored); that is undone here, see
+/// [`allow_fragmentation`](crate::sockopt::allow_fragmentation).
+pub fn socket_state(socket: &UdpSocket) -> io::Result<UdpSocketState> {
+    let state = UdpSocketState::new(socket.into())?;
+    crate::sockopt::allow_fragmentation(socket);
+    Ok(state)
+}
+
+/// Sends `run` to `to`: datagrams of `segment` bytes (the last may be
+/// shorter), cut by the kernel (GSO) when there is more than one. quinn-udp
+/// logs failures, rate-limited, and turns GSO off for good on a path that
+/// refuses it; only "would block" is waited out, other errors return.
+pub async fn send_run(
+    socket: &UdpSocket,
+    state: &UdpSocketState,
+    to: SocketAddr,
+    run: &[u8],
+    segment: usize,
+) -> io::Result<()> {
+    if run.is_empty() {
+        return Ok(());
+    }
+    let transmit = Transmit {
+        destination: to,
+        ecn: None,
+        contents: run,
+        segment_size: (run.len() > segment).then_some(segment),
+        src_ip: None,
+    };
+    socket
+        .async_io(Interest::WRITABLE, || state.send(socket.into(), &transmit))
+        .await
+}
 
 /// One GRO super-datagram is at most 64 KiB.
 const SLOT_BYTES: usize = 65536;

@@ -393,6 +393,18 @@ fn digest_stream(seed: &[u8; 32], direction: &[u8]) -> StdRng {
 const CLIENT_TO_SERVER: &[u8] = b"client-to-server";
 const SERVER_TO_CLIENT: &[u8] = b"server-to-client";
 
+/// [`tcp_digest_server`] on `addr` inside `ns`, listening before this
+/// returns; it stops when the guard is dropped.
+pub fn tcp_digest_service(ns: &NetNs, addr: SocketAddr) -> Background {
+    let listener = tcp_listener_in(ns, addr);
+    spawn_in(ns, move || async move {
+        match TcpListener::from_std(listener) {
+            Ok(l) => tcp_digest_server(l).await,
+            Err(e) => tracing::warn!(%addr, error = %e, "digest service not started"),
+        }
+    })
+}
+
 /// The server half of the digest check; runs until dropped, serving every
 /// connection concurrently (connections end with it).
 ///

@@ -16,8 +16,7 @@ use skerry::frame::{FRAME_VERSION, MAX_FRAME_LEN};
 use skerry::pki::{EDGE_SERVER_NAME, HomePki};
 use skerry::tls::{CONTROL_ALPN, crypto_provider};
 use skerry_tests::agents::Pair;
-use skerry_tests::{run_in, spawn_in, tcp_digest_client, tcp_digest_server, unique};
-use tokio::net::TcpListener;
+use skerry_tests::{run_in, tcp_digest_client, unique};
 
 const TCP_TARGET: &str = "127.0.0.1:8000";
 
@@ -55,10 +54,7 @@ async fn attempt(ep: &quinn::Endpoint, edge: SocketAddr, bytes: &[u8]) -> Result
 fn hostile_control_clients_are_refused_and_the_real_session_carries_on() {
     skerry_tests::init_tracing();
     let pair = Pair::start(&[&format!("tcp/9000={TCP_TARGET}")]);
-    let target = skerry_tests::tcp_listener_in(&pair.topo.home, TCP_TARGET.parse().unwrap());
-    let _svc = spawn_in(&pair.topo.home, move || async move {
-        tcp_digest_server(TcpListener::from_std(target).expect("listener")).await;
-    });
+    let _svc = skerry_tests::tcp_digest_service(&pair.topo.home, TCP_TARGET.parse().unwrap());
     let other_dir = std::env::temp_dir().join(unique("skerry-otherca"));
     let other = HomePki::load_or_create(&other_dir).expect("second CA");
     let ca = pair.pki.ca_cert().clone();
@@ -174,10 +170,7 @@ fn wireguard_from_a_key_not_announced_is_ignored() {
     use boringtun::x25519::{PublicKey, StaticSecret};
     skerry_tests::init_tracing();
     let pair = Pair::start(&[&format!("tcp/9000={TCP_TARGET}")]);
-    let target = skerry_tests::tcp_listener_in(&pair.topo.home, TCP_TARGET.parse().unwrap());
-    let _svc = spawn_in(&pair.topo.home, move || async move {
-        tcp_digest_server(TcpListener::from_std(target).expect("listener")).await;
-    });
+    let _svc = skerry_tests::tcp_digest_service(&pair.topo.home, TCP_TARGET.parse().unwrap());
     let edge_key = pair
         .status
         .borrow()

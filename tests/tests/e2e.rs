@@ -266,10 +266,7 @@ fn invalid_and_reserved_entries_are_refused_alone() {
     assert_eq!(status("tcp/9100"), EntryStatus::InUse);
     assert_eq!(status("tcp/9200-9201"), EntryStatus::Listening);
 
-    let target = skerry_tests::tcp_listener_in(&pair.topo.home, TCP_TARGET.parse().unwrap());
-    let _svc = spawn_in(&pair.topo.home, move || async move {
-        tcp_digest_server(TcpListener::from_std(target).expect("listener")).await;
-    });
+    let _svc = skerry_tests::tcp_digest_service(&pair.topo.home, TCP_TARGET.parse().unwrap());
     let v4 = pair.topo.edge_public_v4;
     run_in(&pair.topo.client, move || async move {
         for port in [9000, 9200] {

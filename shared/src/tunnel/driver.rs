@@ -15,9 +15,9 @@ use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
-use quinn_udp::{Transmit, UdpSocketState};
+use quinn_udp::UdpSocketState;
 
-use crate::udp_batch::RecvBatch;
+use crate::udp_batch::{self, GSO_MAX_BYTES, RecvBatch};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -178,8 +178,7 @@ pub fn spawn(
     peer: Option<[u8; 32]>,
     shutdown: CancellationToken,
 ) -> std::io::Result<TunnelHandle> {
-    let udp_state = UdpSocketState::new((&udp).into())?;
-    crate::sockopt::allow_fragmentation(&udp);
+    let udp_state = udp_batch::socket_state(&udp)?;
     let (commands, command_rx) = mpsc::channel(8);
     let (stats_tx, stats) = watch::channel(TunnelStats::default());
     let public = PublicKey::from(&spec.private_key);
@@ -329,8 +328,6 @@ async fn send_one(ctx: &Context, packet: &[u8], to: SocketAddr) {
 
 /// Room for one encrypted datagram of an MTU-sized packet (1420 + 32).
 const DATAGRAM_SLOT: usize = 1500;
-/// UDP GSO: the whole send must fit one 64 KiB datagram.
-const GSO_MAX_BYTES: usize = 65_000;
 
 /// TUN → encrypt → UDP. One TUN read yields a batch (TSO super-packets are
 /// split into MTU packets by tun-rs), encrypted under one lock into one
@@ -438,25 +435,10 @@ async fn send_pipeline(ctx: Arc<Context>, shutdown: CancellationToken) {
     }
 }
 
-/// Sends `run`, cut into datagrams of `segment` bytes by the kernel (GSO)
-/// when it holds more than one. quinn-udp logs failures (rate-limited) and
-/// turns GSO off for good when the path refuses it; a lost run is what
-/// a lost datagram is to the traffic inside.
+/// Sends a run of datagrams to the peer; the bytes sent, for the stats. A
+/// lost run is what a lost datagram is to the traffic inside.
 async fn send_datagrams(ctx: &Context, run: &[u8], segment: usize, to: SocketAddr) -> u64 {
-    let transmit = Transmit {
-        destination: to,
-        ecn: None,
-        contents: run,
-        segment_size: (run.len() > segment).then_some(segment),
-        src_ip: None,
-    };
-    let sent = ctx
-        .udp
-        .async_io(tokio::io::Interest::WRITABLE, || {
-            ctx.udp_state.send((&ctx.udp).into(), &transmit)
-        })
-        .await;
-    match sent {
+    match udp_batch::send_run(&ctx.udp, &ctx.udp_state, to, run, segment).await {
         Ok(()) => run.len() as u64,
         Err(e) => {
             debug!(%to, error = %e, "tunnel send failed");
