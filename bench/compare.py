@@ -46,6 +46,7 @@ class Config:
         self.conn_count = 2000 if a.quick else 5000
         self.conn_concurrency = 8
         self.perf = [x for x in (a.perf or "").split(",") if x]
+        self.figures = {x.strip() for x in a.figures.split(",") if x.strip()}
 
 
 def in_client(h: Harness, argv: list[str], timeout: float) -> subprocess.CompletedProcess:
@@ -249,7 +250,7 @@ def measure(h: Harness, setup: S.Setup, cfg: Config) -> dict:
             res["cpu"][key] = {r: (c1.get(r, 0) - c0.get(r, 0)) / CLK_TCK / dt for r in c1}
             return v
 
-        for streams in (1, 8):
+        for streams in (1, 8) if "tcp" in cfg.figures else ():
             for rev in (False, True):
                 key = f"tcp{streams}_{'down' if rev else 'up'}"
                 perf = start_perf(h, setup, sampler, cfg) if key == "tcp1_up" else []
@@ -259,22 +260,26 @@ def measure(h: Harness, setup: S.Setup, cfg: Config) -> dict:
                     res[key] = v["gbps"]
                     res[key + "_retr"] = v["retransmits"]
                     log(f"  {setup.name} {key}: {v['gbps']:.2f} Gbit/s (retransmits {v['retransmits']})")
-        if ep.udp and setup.udp:
+        if ep.udp and setup.udp and "udp" in cfg.figures:
             v = timed("udp", lambda: udp_search(h, ep.host, cfg, services))
             if v:
                 res["udp_mbps"] = v["mbps"]
                 res["udp_probes"] = v["probes"]
                 log(f"  {setup.name} udp: {v['mbps']:.0f} Mbit/s under 1% loss")
-        v = timed("rtt", lambda: loadgen_json(h, ["rtt", f"{ep.host}:{S.ECHO_PORT}", str(cfg.rtt_count), "64"], 60))
+        v = None
+        if "rtt" in cfg.figures:
+            v = timed("rtt", lambda: loadgen_json(h, ["rtt", f"{ep.host}:{S.ECHO_PORT}", str(cfg.rtt_count), "64"], 60))
         if v:
             res["rtt_p50_us"], res["rtt_p99_us"] = v["p50_us"], v["p99_us"]
             log(f"  {setup.name} rtt: p50 {v['p50_us']:.0f} µs, p99 {v['p99_us']:.0f} µs")
-        v = timed(
-            "connrate",
-            lambda: loadgen_json(
-                h, ["connrate", f"{ep.host}:{S.ECHO_PORT}", str(cfg.conn_count), str(cfg.conn_concurrency), "64"], 120
-            ),
-        )
+        v = None
+        if "conn" in cfg.figures:
+            v = timed(
+                "connrate",
+                lambda: loadgen_json(
+                    h, ["connrate", f"{ep.host}:{S.ECHO_PORT}", str(cfg.conn_count), str(cfg.conn_concurrency), "64"], 120
+                ),
+            )
         if v:
             res["conn_per_s"], res["conn_failed"] = v["per_sec"], v["failed"]
             if v["failed"]:
@@ -343,6 +348,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="one short run: a smoke test")
     ap.add_argument("--duration", type=int, help="seconds per TCP test (default 8; 3 with --quick)")
     ap.add_argument("--setups", default=",".join(S.ALL), help=f"comma-separated, from: {','.join(S.ALL)}")
+    ap.add_argument("--figures", default="tcp,udp,rtt,conn", help="comma-separated figures to measure, from: "
+                    "tcp,udp,rtt,conn (default all; a subset is for quick A/B runs while developing)")
     ap.add_argument("--perf", default="", help="comma-separated setups to profile with perf during TCP 1 stream up "
                     "(reports in bench/results/perf-*.txt)")
     ap.add_argument("--out", default=str(BENCH_DIR / "RESULTS.md"), help="the report to write")

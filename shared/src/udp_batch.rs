@@ -88,18 +88,35 @@ impl<const N: usize> RecvBatch<N> {
 
     /// Waits until `socket` is readable, then takes what is queued; returns
     /// how many buffers were filled.
+    ///
+    /// Fewer than `N` means the queue was drained, and tokio is told so
+    /// (as a "would block"), which saves the next call's empty `recvmmsg`.
+    /// A datagram that arrived meanwhile raised a newer readiness event,
+    /// which that does not clear.
     pub async fn recv(&mut self, socket: &UdpSocket, state: &UdpSocketState) -> io::Result<usize> {
         let RecvBatch { storage, metas, .. } = self;
-        let count = socket
-            .async_io(Interest::READABLE, || {
+        loop {
+            socket.readable().await?;
+            let mut drained = None;
+            let result = socket.try_io(Interest::READABLE, || {
                 let mut chunks = storage.chunks_exact_mut(SLOT_BYTES);
                 let mut slots: [IoSliceMut<'_>; N] =
                     std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()));
-                state.recv(socket.into(), &mut slots, metas)
-            })
-            .await?;
-        self.count = count;
-        Ok(count)
+                let count = state.recv(socket.into(), &mut slots, metas)?;
+                if count < N {
+                    drained = Some(count);
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(count)
+            });
+            let count = match (result, drained) {
+                (Ok(count), _) | (Err(_), Some(count)) => count,
+                (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                (Err(e), None) => return Err(e),
+            };
+            self.count = count;
+            return Ok(count);
+        }
     }
 
     /// Buffers filled by the last receive.

@@ -276,3 +276,50 @@ fn invalid_and_reserved_entries_are_refused_alone() {
         }
     });
 }
+
+/// A packet the tunnel driver cannot take apart (here one larger than any
+/// MTU it runs, after someone raised the TUN's MTU by hand) is dropped on
+/// its own: the tunnel and the flows through it go on.
+#[test]
+fn an_unreadable_tun_packet_is_dropped_alone() {
+    skerry_tests::init_tracing();
+    let pair = Pair::start(&[&format!("tcp/9000={TCP_TARGET}")]);
+    let _svc = skerry_tests::tcp_digest_service(&pair.topo.home, TCP_TARGET.parse().unwrap());
+    let v4 = pair.topo.edge_public_v4;
+    let flow = move || async move {
+        tcp_digest_client(SocketAddr::from((v4, 9000)), 256 << 10, [3; 32]).await
+    };
+    run_in(&pair.topo.client, flow).expect("a flow before");
+
+    pair.topo
+        .home
+        .exec("ip", &["link", "set", "skerry-home", "mtu", "4000"])
+        .expect("raising the home TUN's MTU");
+    let edge_tunnel = pair.status.borrow().tunnel.edge();
+    run_in(&pair.topo.home, move || async move {
+        let s = UdpSocket::bind("0.0.0.0:0").await.expect("bind");
+        s.send_to(&[0x5a; 3500], (edge_tunnel, 9))
+            .await
+            .expect("a 3500-byte datagram into the TUN");
+    });
+    let tunnel = pair
+        .status
+        .borrow()
+        .tunnel_handle
+        .clone()
+        .expect("the tunnel is up");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while tunnel.stats().dropped_unreadable == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the driver never saw the oversized packet: {:?}",
+            tunnel.stats()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    pair.topo
+        .home
+        .exec("ip", &["link", "set", "skerry-home", "mtu", "1420"])
+        .expect("restoring the MTU");
+    run_in(&pair.topo.client, flow).expect("a flow after: the tunnel still runs");
+}
