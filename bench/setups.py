@@ -119,9 +119,7 @@ class Skerry(Setup):
         super().__init__()
         # run.sh --skerry-rev REV builds a committed revision elsewhere and says so here
         bindir = Path(os.environ.get("SKB_SKERRY_BIN_DIR") or REPO_DIR / "target" / "release")
-        # The edge-agent that ships (in the image) is the static musl build: measure that one when it is built.
-        musl = bindir.parent / "x86_64-unknown-linux-musl" / "release" / "edge-agent"
-        self.edge_bin = str(musl if musl.exists() else bindir / "edge-agent")
+        self.edge_bin = str(bindir / "edge-agent")
         self.home_bin = str(bindir / "home-agent")
 
     def missing(self) -> str | None:
