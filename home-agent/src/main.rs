@@ -18,6 +18,9 @@ use skerry::portmap::{PortMap, PortSpec};
 use skerry::tunnel::TunnelAddrs;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 #[derive(Parser)]
 #[command(
@@ -129,11 +132,9 @@ const EXIT_PORTS_REFUSED: u8 = 3;
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
         .with_writer(std::io::stderr)
+        .finish()
+        .with(skerry::logging::filter_from_env(LevelFilter::WARN))
         .init();
     let cli = Cli::parse();
     match run(cli) {

@@ -17,6 +17,7 @@
 //! | [`netns`] | network namespaces: the embedded local edge and the tests |
 //! | [`sockopt`] | socket options no crate wraps (fragmentation, `TCP_DEFER_ACCEPT`) |
 //! | [`shutdown`] | SIGINT and SIGTERM to a cancellation token |
+//! | [`logging`] | the `RUST_LOG` filter both agents use |
 //!
 //! What it does not do: open public listeners (the edge-agent does) or
 //! connect to targets (the home-agent does).
@@ -26,6 +27,7 @@ pub mod bootstrap;
 pub mod control;
 pub mod flow;
 pub mod frame;
+pub mod logging;
 pub mod netns;
 pub mod paths;
 pub mod pki;

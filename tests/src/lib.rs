@@ -68,12 +68,15 @@ pub fn unique(prefix: &str) -> String {
 pub fn init_tracing() {
     static INIT: Once = Once::new();
     INIT.call_once(|| {
-        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        let filter =
+            skerry::logging::filter_from_env(tracing_subscriber::filter::LevelFilter::WARN);
         // Another subscriber (set by the test itself) wins; that is fine.
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(filter)
             .with_test_writer()
+            .finish()
+            .with(filter)
             .try_init();
     });
 }
