@@ -64,6 +64,28 @@ impl EdgeOptions {
     }
 }
 
+/// Every TCP flow goes from the edge's tunnel address to the home's one
+/// flow port, and the edge usually closes first, so its TIME_WAIT sockets
+/// share one range of ports. Unless the kernel may reuse them
+/// (`tcp_tw_reuse=1`, as the edge image sets), the range lasts about
+/// `range / 60 s` new flows a second (470 with Linux's defaults), and
+/// flows beyond that fail. Says so at start rather than changing a
+/// system-wide setting on someone's server.
+fn check_time_wait_reuse() {
+    const PATH: &str = "/proc/sys/net/ipv4/tcp_tw_reuse";
+    match std::fs::read_to_string(PATH) {
+        Ok(v) if v.trim() == "1" => {}
+        Ok(v) => tracing::warn!(
+            "net.ipv4.tcp_tw_reuse is {}: this edge can open only about 470 new TCP flows a \
+             second before the tunnel's ports run out (each waits 60 s in TIME_WAIT); \
+             `sysctl -w net.ipv4.tcp_tw_reuse=1` (and a file in /etc/sysctl.d) lifts that, \
+             as the skerry edge image does",
+            v.trim()
+        ),
+        Err(e) => tracing::debug!(error = %e, "cannot read {PATH}"),
+    }
+}
+
 /// Runs the edge until `shutdown` is cancelled.
 pub async fn run(opts: EdgeOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
     let boot = &opts.bootstrap;
@@ -74,6 +96,7 @@ pub async fn run(opts: EdgeOptions, shutdown: CancellationToken) -> anyhow::Resu
     )
     .context("building the control channel's TLS configuration")?;
 
+    check_time_wait_reuse();
     let key = WireguardKey::generate();
     let tun = device::create(
         &opts.tun_name,

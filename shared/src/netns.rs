@@ -608,9 +608,12 @@ fn enter(name: &str, path: &Path) -> Result<(), NetnsError> {
 
 /// The sysctls every namespace gets, written through `/proc/sys` by a thread
 /// inside it (`/proc/sys/net` shows the writing thread's namespace).
-const NAMESPACE_SYSCTLS: [(&str, &str, bool); 5] = [
+const NAMESPACE_SYSCTLS: [(&str, &str, bool); 6] = [
     // (key, value, IPv6-only)
     ("net.ipv4.ip_forward", "0", false),
+    // What the edge image sets (images/sysctl.d): the edge's flows all go
+    // from one address to one port, and their TIME_WAIT ports must be reused.
+    ("net.ipv4.tcp_tw_reuse", "1", false),
     ("net.ipv6.conf.all.forwarding", "0", true),
     ("net.ipv6.conf.all.accept_dad", "0", true),
     ("net.ipv6.conf.default.accept_dad", "0", true),
@@ -765,6 +768,7 @@ mod tests {
         assert_eq!(ns.path(), Path::new("/run/netns").join(&name));
         assert!(ns.path().exists());
         assert_eq!(sysctl_in(&ns, "net.ipv4.ip_forward"), "0");
+        assert_eq!(sysctl_in(&ns, "net.ipv4.tcp_tw_reuse"), "1");
         assert_eq!(sysctl_in(&ns, "net.ipv6.conf.all.accept_dad"), "0");
         assert_eq!(sysctl_in(&ns, "net.ipv6.conf.default.accept_dad"), "0");
 

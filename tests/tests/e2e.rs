@@ -323,3 +323,68 @@ fn an_unreadable_tun_packet_is_dropped_alone() {
         .expect("restoring the MTU");
     run_in(&pair.topo.client, flow).expect("a flow after: the tunnel still runs");
 }
+
+/// Every TCP flow goes from the edge's tunnel address to the home's one flow
+/// port, and the edge closes first when the client does: its TIME_WAIT
+/// sockets share one range of ports, which without reuse lasts `range / 60 s`
+/// new flows a second. The edge's namespace gets 100 ephemeral ports here;
+/// three rounds of 80 flows, each a second after the last, need the reuse
+/// (`tcp_tw_reuse=1`, as the edge image sets).
+#[test]
+fn the_edge_reuses_flow_ports_left_in_time_wait() {
+    skerry_tests::init_tracing();
+    let pair = Pair::start(&[&format!("tcp/9000={TCP_TARGET}")]);
+    pair.topo
+        .edge
+        .exec(
+            "sysctl",
+            &["-w", "net.ipv4.ip_local_port_range=40000 40099"],
+        )
+        .expect("narrowing the edge's ephemeral ports");
+    // Answers once the client has finished: the client's end of stream, and
+    // so the edge's, comes first.
+    let listener = skerry_tests::tcp_listener_in(&pair.topo.home, TCP_TARGET.parse().unwrap());
+    let _svc = spawn_in(&pair.topo.home, move || async move {
+        let listener = TcpListener::from_std(listener).expect("listener");
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                if s.read_to_end(&mut got).await.is_ok() {
+                    let _ = s.write_all(&got).await;
+                }
+            });
+        }
+    });
+    let public = SocketAddr::from((pair.topo.edge_public_v4, 9000));
+    for round in 0..3u8 {
+        run_in(&pair.topo.client, move || async move {
+            for i in 0..80u8 {
+                let message = [round, i, 0x5a, 0xa5];
+                let mut s = TcpStream::connect(public)
+                    .await
+                    .unwrap_or_else(|e| panic!("round {round}, flow {i}: connect: {e}"));
+                s.write_all(&message).await.expect("request");
+                s.shutdown().await.expect("end of request");
+                let mut back = Vec::new();
+                s.read_to_end(&mut back).await.unwrap_or_else(|e| {
+                    panic!("round {round}, flow {i}: no reply ({e}): did the edge's flow ports run out, all in TIME_WAIT?")
+                });
+                assert_eq!(back, message, "round {round}, flow {i}");
+            }
+        });
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    let waiting = pair
+        .topo
+        .edge
+        .exec("ss", &["-Htan", "state", "time-wait"])
+        .expect("ss in the edge namespace");
+    let waiting = String::from_utf8_lossy(&waiting.stdout).lines().count();
+    assert!(
+        waiting >= 80,
+        "the edge should be the side left in TIME_WAIT (else this test proves nothing): {waiting}"
+    );
+}
