@@ -395,7 +395,11 @@ def main() -> int:
     results: dict[str, list[dict]] = {s.name: [] for s in setups}
     started = time.monotonic()
     for r in range(cfg.runs):
-        for s in setups:
+        # Every other run goes through the setups backwards (A B C, C B A, …):
+        # a machine that speeds up or slows down during the comparison then
+        # favours no setup.
+        order = setups if r % 2 == 0 else setups[::-1]
+        for s in order:
             log(f"run {r + 1}/{cfg.runs}: {s.name}")
             results[s.name].append(measure(h, s, cfg))
     env["loadavg_end"] = os.getloadavg()
