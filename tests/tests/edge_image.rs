@@ -189,6 +189,13 @@ fn edge_image_boots_under_qemu_and_serves_tcp_and_udp() {
         "the edge answered without fetching {USER_DATA_PATH}: {:?}",
         metadata_log.lock().map(|l| l.clone()).unwrap_or_default()
     );
+    // The image's sysctls were in force before the edge-agent started (it
+    // warns otherwise): its flows reuse ports left in TIME_WAIT.
+    assert!(
+        !vm.serial().contains("tcp_tw_reuse is"),
+        "the edge-agent started without the image's sysctls (images/sysctl.d)\n{}",
+        vm.diagnostics(60)
+    );
 
     // One public TCP and one public UDP request, through the VM and home.
     let tcp_public = SocketAddr::from((Ipv4Addr::LOCALHOST, PUBLIC_TCP));
