@@ -11,11 +11,11 @@
 
 use std::io;
 use std::net::Shutdown;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Mutex;
 
 use nix::fcntl::{OFlag, SpliceFFlags, splice};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 
@@ -95,15 +95,12 @@ const COPY_CHUNK: usize = 4096;
 /// The pipe is empty whenever `from` is read, so "would block" there means
 /// `from` has nothing; while the pipe holds bytes only `to` is written, so
 /// "would block" there means `to` is full. tokio's readiness covers both.
-async fn one_way(mut from: ReadHalf<'_>, mut to: WriteHalf<'_>, pipe: &Pipe) -> io::Result<u64> {
+async fn one_way(from: ReadHalf<'_>, mut to: WriteHalf<'_>, pipe: &Pipe) -> io::Result<u64> {
     let mut total = 0u64;
-    let mut small = [0u8; COPY_CHUNK];
     let mut copying = true;
     loop {
         let n = if copying {
-            let n = from.read(&mut small).await?;
-            to.write_all(&small[..n]).await?;
-            n
+            copy_once(from.as_ref(), &mut to).await?
         } else {
             splice_through(from.as_ref(), to.as_ref(), pipe).await?
         };
@@ -119,6 +116,58 @@ async fn one_way(mut from: ReadHalf<'_>, mut to: WriteHalf<'_>, pipe: &Pipe) -> 
         copying = n < COPY_CHUNK;
         total += n as u64;
     }
+}
+
+/// One read of at most [`COPY_CHUNK`] bytes from `from`, all of it written
+/// to `to`; the bytes read (0 at end of stream).
+///
+/// The copy buffer is on the stack and never held across an `.await`, so a
+/// waiting flow (most flows, most of the time) keeps no buffer: a relay's
+/// state is a few hundred bytes, not 8 KiB. Only what `to` cannot take at
+/// once is kept, in a heap copy, until it can.
+async fn copy_once(from: &TcpStream, to: &mut WriteHalf<'_>) -> io::Result<usize> {
+    loop {
+        from.readable().await?;
+        let (n, unsent) = {
+            let mut buf = [0u8; COPY_CHUNK];
+            let mut n = 0;
+            let read = from.try_io(Interest::READABLE, || {
+                n = recv(from, &mut buf)?;
+                // A short read drained the socket. Saying "would block"
+                // makes tokio clear the readiness, as its own `read` does,
+                // so the next wait sleeps instead of calling `recv` to find
+                // nothing; `n` keeps what was read.
+                if n > 0 && n < COPY_CHUNK {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(())
+            });
+            match read {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && n > 0 => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+            let mut sent = 0;
+            while sent < n {
+                match to.as_ref().try_write(&buf[sent..n]) {
+                    Ok(m) => sent += m,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            (n, buf[sent..n].to_vec())
+        };
+        if !unsent.is_empty() {
+            to.write_all(&unsent).await?;
+        }
+        return Ok(n);
+    }
+}
+
+fn recv(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    nix::sys::socket::recv(from.as_raw_fd(), buf, nix::sys::socket::MsgFlags::empty())
+        .map_err(io::Error::from)
 }
 
 /// One read from `from` into the pipe, and all of it on to `to`.
@@ -159,6 +208,7 @@ fn splice_nonblocking(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<
 #[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
 
     /// Two connected pairs over loopback: (outer client, relay end a) and
@@ -227,6 +277,58 @@ mod tests {
         let (up, down) = relay.await.unwrap().unwrap();
         let sent: usize = sizes.iter().sum();
         assert_eq!((up, down), (sent as u64, 2 * sent as u64));
+    }
+
+    /// Most flows wait most of the time: what a waiting relay keeps is its
+    /// future's state, and that holds no copy buffer.
+    #[tokio::test]
+    async fn a_relay_keeps_no_copy_buffer_while_it_waits() {
+        let ((_client, mut a), (mut b, _server)) = pairs().await;
+        let relay = relay_tcp(&mut a, &mut b);
+        let size = std::mem::size_of_val(&relay);
+        assert!(
+            size < COPY_CHUNK,
+            "a relay's state is {size} bytes: a copy buffer is held across an await"
+        );
+    }
+
+    /// Small messages to a reader that stops reading: the relay's writes
+    /// would block part way, the rest waits in its own copy, and every byte
+    /// arrives in order once the reader reads again.
+    #[tokio::test]
+    async fn small_messages_to_a_stalled_reader_arrive_whole() {
+        let ((mut client, mut a), (mut b, mut server)) = pairs().await;
+        // Small buffers at the far end fill after a few messages.
+        socket2::SockRef::from(&server)
+            .set_recv_buffer_size(4096)
+            .unwrap();
+        socket2::SockRef::from(&b)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        let relay = tokio::spawn(async move { relay_tcp(&mut a, &mut b).await });
+        // 3000-byte messages: each read is short, so the relay copies.
+        let messages: Vec<Vec<u8>> = (0..60u32)
+            .map(|i| (0..3000u32).map(|j| ((i * 7 + j) % 253) as u8).collect())
+            .collect();
+        let expected: Vec<u8> = messages.concat();
+        let writer = tokio::spawn(async move {
+            for m in &messages {
+                client.write_all(m).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            client.shutdown().await.unwrap();
+            client
+        });
+        // Nobody reads for a while: the relay meets a full socket.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len(), expected.len(), "bytes through");
+        assert!(got == expected, "bytes differ from what was sent");
+        drop(server);
+        drop(writer.await.unwrap());
+        let (up, _) = relay.await.unwrap().unwrap();
+        assert_eq!(up, expected.len() as u64);
     }
 
     #[tokio::test]
