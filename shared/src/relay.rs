@@ -126,43 +126,41 @@ async fn one_way(from: ReadHalf<'_>, mut to: WriteHalf<'_>, pipe: &Pipe) -> io::
 /// state is a few hundred bytes, not 8 KiB. Only what `to` cannot take at
 /// once is kept, in a heap copy, until it can.
 async fn copy_once(from: &TcpStream, to: &mut WriteHalf<'_>) -> io::Result<usize> {
-    loop {
+    let (n, unsent) = loop {
         from.readable().await?;
-        let (n, unsent) = {
-            let mut buf = [0u8; COPY_CHUNK];
-            let mut n = 0;
-            let read = from.try_io(Interest::READABLE, || {
-                n = recv(from, &mut buf)?;
-                // A short read drained the socket. Saying "would block"
-                // makes tokio clear the readiness, as its own `read` does,
-                // so the next wait sleeps instead of calling `recv` to find
-                // nothing; `n` keeps what was read.
-                if n > 0 && n < COPY_CHUNK {
-                    return Err(io::ErrorKind::WouldBlock.into());
-                }
-                Ok(())
-            });
-            match read {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock && n > 0 => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+        let mut buf = [0u8; COPY_CHUNK];
+        let mut n = 0;
+        let read = from.try_io(Interest::READABLE, || {
+            n = recv(from, &mut buf)?;
+            // A short read drained the socket. Saying "would block" makes
+            // tokio clear the readiness, as its own `read` does, so the next
+            // wait sleeps instead of calling `recv` to find nothing; `n`
+            // keeps what was read.
+            if n > 0 && n < COPY_CHUNK {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(())
+        });
+        match read {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && n > 0 => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+        let mut sent = 0;
+        while sent < n {
+            match to.as_ref().try_write(&buf[sent..n]) {
+                Ok(m) => sent += m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),
             }
-            let mut sent = 0;
-            while sent < n {
-                match to.as_ref().try_write(&buf[sent..n]) {
-                    Ok(m) => sent += m,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => return Err(e),
-                }
-            }
-            (n, buf[sent..n].to_vec())
-        };
-        if !unsent.is_empty() {
-            to.write_all(&unsent).await?;
         }
-        return Ok(n);
+        break (n, buf[sent..n].to_vec());
+    };
+    if !unsent.is_empty() {
+        to.write_all(&unsent).await?;
     }
+    Ok(n)
 }
 
 fn recv(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
