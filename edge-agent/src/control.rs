@@ -12,6 +12,7 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
+use crate::flow_pool::FlowPool;
 use crate::ports::PortTable;
 
 /// QUIC application close codes the edge uses.
@@ -27,16 +28,24 @@ pub struct ControlState {
     pub info: EdgeInfo,
     pub tunnel: TunnelHandle,
     pub ports: Arc<Mutex<PortTable>>,
+    /// In-tunnel flows opened ahead, good for one home-agent session.
+    pub pool: Arc<FlowPool>,
     /// The established session, closed when a newer one takes over.
     current: Mutex<Option<quinn::Connection>>,
 }
 
 impl ControlState {
-    pub fn new(info: EdgeInfo, tunnel: TunnelHandle, ports: Arc<Mutex<PortTable>>) -> Self {
+    pub fn new(
+        info: EdgeInfo,
+        tunnel: TunnelHandle,
+        ports: Arc<Mutex<PortTable>>,
+        pool: Arc<FlowPool>,
+    ) -> Self {
         ControlState {
             info,
             tunnel,
             ports,
+            pool,
             current: Mutex::new(None),
         }
     }
@@ -131,6 +140,7 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<ControlState>) {
                             b"a newer session took over",
                         );
                     }
+                    state.pool.start_session();
                     write_message(&mut send, &reply).await?;
                 }
                 EdgeAction::Apply(map) => {
@@ -158,6 +168,7 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<ControlState>) {
         .is_some_and(|c| c.stable_id() == conn.stable_id())
     {
         *current = None;
+        state.pool.end_session();
     }
 }
 

@@ -10,6 +10,7 @@
 //! | [`control`] | the QUIC control server and its sessions |
 //! | [`ports`] | the public listeners and applying a port map to them |
 //! | [`relay`] | moving public TCP and UDP flows into the tunnel |
+//! | [`flow_pool`] | in-tunnel TCP flows opened ahead of the connections that use them |
 //! | [`udp_flows`] | the UDP flow table (no I/O) |
 //! | [`addresses`] | discovering the edge's public addresses |
 //! | [`metadata`] | reading the bootstrap from the droplet metadata service |
@@ -17,6 +18,7 @@
 
 pub mod addresses;
 pub mod control;
+pub mod flow_pool;
 pub mod metadata;
 pub mod ports;
 pub mod relay;
@@ -139,6 +141,8 @@ pub async fn run(opts: EdgeOptions, shutdown: CancellationToken) -> anyhow::Resu
         control_port: boot.control_port,
         wireguard_port: boot.wireguard_port,
     };
+    let pool = ctx.pool.clone();
+    tokio::spawn(pool.clone().run(shutdown.child_token()));
     let ports = Arc::new(Mutex::new(ports::PortTable::new(reserved, ctx.clone())));
     tokio::spawn(relay::udp_reply_loop(ctx, shutdown.child_token()));
 
@@ -169,6 +173,7 @@ pub async fn run(opts: EdgeOptions, shutdown: CancellationToken) -> anyhow::Resu
         },
         tunnel_handle,
         ports.clone(),
+        pool,
     ));
     control::serve(endpoint, state, shutdown.clone()).await;
     ports.lock().await.close_all();

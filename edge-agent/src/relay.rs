@@ -20,11 +20,10 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span, trace, warn};
 
+use crate::flow_pool::FlowPool;
 use crate::ports::PortShared;
 use crate::udp_flows::FlowTable;
 
-/// How long the edge waits for the home-agent to take a TCP flow.
-const HOME_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Client bytes sent along with a TCP flow's header, at most.
 const EARLY_DATA: usize = 4096;
 /// Largest UDP payload read from a public socket.
@@ -33,8 +32,8 @@ const MAX_UDP_PAYLOAD: usize = 65507;
 /// What every relay needs: where home is, and the UDP flow state.
 #[derive(Debug)]
 pub struct RelayContext {
-    /// The home-agent's TCP flow listener, through the tunnel.
-    pub home_tcp: SocketAddr,
+    /// TCP flows to the home-agent's flow listener, through the tunnel.
+    pub pool: Arc<FlowPool>,
     /// The home-agent's UDP flow socket, through the tunnel.
     pub home_udp: SocketAddr,
     /// The edge's UDP socket on its tunnel address.
@@ -57,7 +56,7 @@ impl RelayContext {
     ) -> std::io::Result<Self> {
         let tunnel_udp_state = udp_batch::socket_state(&tunnel_udp)?;
         Ok(RelayContext {
-            home_tcp,
+            pool: Arc::new(FlowPool::new(home_tcp)),
             home_udp,
             tunnel_udp,
             tunnel_udp_state,
@@ -167,18 +166,7 @@ async fn tcp_flow(
     ctx: &RelayContext,
 ) -> std::io::Result<()> {
     client_stream.set_nodelay(true)?;
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    // The handshake's last ACK rides on the flow header.
-    skerry::sockopt::defer_accept(&socket, 1)?;
-    let mut home = tokio::time::timeout(HOME_CONNECT_TIMEOUT, socket.connect(ctx.home_tcp))
-        .await
-        .map_err(|_| {
-            std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "home-agent did not take the flow",
-            )
-        })??;
-    home.set_nodelay(true)?;
+    let mut home = ctx.pool.flow().await?;
     let mut header = Vec::with_capacity(skerry::flow::MAX_FLOW_HEADER_LEN + EARLY_DATA);
     FlowHeader {
         protocol: Protocol::Tcp,

@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use skerry::flow::{DatagramHeader, FlowHeader, MAX_DATAGRAM_HEADER_LEN, MAX_FLOW_HEADER_LEN};
+use skerry::flow::{
+    DatagramHeader, FLOW_HEADER_WAIT, FlowHeader, MAX_DATAGRAM_HEADER_LEN, MAX_FLOW_HEADER_LEN,
+};
 use skerry::portmap::{PortMap, Protocol};
 use skerry::udp_batch::{self, RecvBatch};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,8 +23,6 @@ use tracing::{Instrument, debug, debug_span, trace, warn};
 
 use crate::proxy_protocol;
 
-/// How long a flow header may take to arrive.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the forwarders share: the live map and what is known of the edge.
@@ -141,23 +141,33 @@ async fn tcp_flow(mut tunnel: TcpStream, fwd: &Forwarding) -> anyhow::Result<()>
     tunnel.set_nodelay(true)?;
     let mut buf = [0u8; MAX_FLOW_HEADER_LEN];
     let mut have = 0;
-    let (header, used) = tokio::time::timeout(HEADER_TIMEOUT, async {
+    // The edge may have opened this flow ahead of the connection that will
+    // use it (its flow pool), so the header can be minutes away.
+    let header = tokio::time::timeout(FLOW_HEADER_WAIT, async {
         loop {
             if let Some(h) = FlowHeader::decode(&buf[..have])? {
-                return anyhow::Ok(h);
+                return anyhow::Ok(Some(h));
             }
             if have == buf.len() {
                 anyhow::bail!("flow header too long");
             }
             let n = tunnel.read(&mut buf[have..]).await?;
+            if n == 0 && have == 0 {
+                // A pooled flow the edge no longer needs.
+                return Ok(None);
+            }
             if n == 0 {
-                anyhow::bail!("tunnel flow closed before its header");
+                anyhow::bail!("tunnel flow closed inside its header");
             }
             have += n;
         }
     })
     .await
-    .map_err(|_| anyhow::anyhow!("no flow header within {HEADER_TIMEOUT:?}"))??;
+    .map_err(|_| anyhow::anyhow!("no flow header within {FLOW_HEADER_WAIT:?}"))??;
+    let Some((header, used)) = header else {
+        trace!("unused pooled flow closed by the edge");
+        return Ok(());
+    };
     let early = buf[used..have].to_vec();
     let span = debug_span!("flow", port = header.public_port, client = %header.client);
     async move {

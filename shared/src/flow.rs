@@ -23,6 +23,7 @@
 //! All integers big-endian. Version 1 is the only one defined.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
 
 use thiserror::Error;
 
@@ -33,6 +34,13 @@ pub const TCP_FLOW_PORT: u16 = 7001;
 /// Port on both tunnel addresses that carries UDP datagrams.
 pub const UDP_FLOW_PORT: u16 = 7002;
 pub const FLOW_VERSION: u8 = 1;
+/// How long the home-agent waits for the header of a flow the edge has
+/// opened. Long, because the edge opens flows ahead of the connections that
+/// will use them (its flow pool); it replaces an unused one after
+/// [`POOLED_FLOW_MAX_IDLE`], well within this.
+pub const FLOW_HEADER_WAIT: Duration = Duration::from_secs(300);
+/// How long the edge keeps an unused pooled flow before replacing it.
+pub const POOLED_FLOW_MAX_IDLE: Duration = Duration::from_secs(120);
 /// Buffer per direction of a TCP relay: tokio's default of 8 KiB costs a
 /// system call pair per 8 KiB; 64 KiB matches what one TSO read carries.
 pub const RELAY_BUFFER: usize = 64 * 1024;

@@ -388,3 +388,74 @@ fn the_edge_reuses_flow_ports_left_in_time_wait() {
         "the edge should be the side left in TIME_WAIT (else this test proves nothing): {waiting}"
     );
 }
+
+/// A new public connection's first bytes leave the edge at once, on an
+/// in-tunnel flow opened ahead of it (the edge's flow pool), instead of
+/// after a handshake with home: one home round trip less before every
+/// request. Shown by letting nothing come back from home at all: the
+/// request still reaches the service.
+#[test]
+fn a_new_connection_needs_no_round_trip_to_home() {
+    skerry_tests::init_tracing();
+    let pair = Pair::start(&[&format!("tcp/9000={TCP_TARGET}")]);
+    let listener = skerry_tests::tcp_listener_in(&pair.topo.home, TCP_TARGET.parse().unwrap());
+    let (got_tx, got_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let _svc = spawn_in(&pair.topo.home, move || async move {
+        let listener = TcpListener::from_std(listener).expect("listener");
+        while let Ok((mut s, _)) = listener.accept().await {
+            let got_tx = got_tx.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                if let Ok(n) = s.read(&mut buf).await {
+                    let _ = got_tx.send(buf[..n].to_vec());
+                }
+            });
+        }
+    });
+    let home_flows = format!(
+        "dst {}:{}",
+        skerry::tunnel::TunnelAddrs::DEFAULT.home(),
+        skerry::flow::TCP_FLOW_PORT
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = pair
+            .topo
+            .edge
+            .exec(
+                "sh",
+                &["-c", &format!("ss -Htn state established {home_flows}")],
+            )
+            .expect("ss in the edge namespace");
+        let open = String::from_utf8_lossy(&out.stdout).lines().count();
+        if open >= edge_agent::flow_pool::POOL_SIZE {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the edge did not open its pooled flows to home: {open} open"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Home has taken them (the handshake's last ACK waits up to 200 ms).
+    std::thread::sleep(Duration::from_millis(400));
+    let wireguard = skerry::bootstrap::DEFAULT_WIREGUARD_PORT;
+    pair.topo
+        .edge
+        .exec(
+            "sh",
+            &["-c", &format!("nft add table inet skpool && nft add chain inet skpool in '{{ type filter hook input priority 0; }}' && nft add rule inet skpool in udp dport {wireguard} drop")],
+        )
+        .expect("nft rule: nothing from home reaches the edge");
+    let public = SocketAddr::from((pair.topo.edge_public_v4, 9000));
+    let _client = spawn_in(&pair.topo.client, move || async move {
+        let mut s = TcpStream::connect(public).await.expect("connect");
+        s.write_all(b"first bytes").await.expect("send");
+        // Held open: no answer can come back.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    });
+    let got = got_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the request never reached home: the edge waited for an answer from home first");
+    assert_eq!(got, b"first bytes");
+}

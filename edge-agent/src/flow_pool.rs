@@ -1,0 +1,442 @@
+//! In-tunnel TCP flows opened before the public connections that will use
+//! them.
+//!
+//! Without a pool, a new public connection waits one round trip to home
+//! (the in-tunnel handshake) before its first bytes can leave the edge:
+//! over a home link that is 20–50 ms on every new connection, on top of
+//! the one that carries the request. With a pooled flow the header and the
+//! client's first bytes leave at once.
+//!
+//! [`PoolState`] decides (no I/O): how many flows to open, which to hand
+//! out, which have waited too long, when to retry after failures. The
+//! [`FlowPool`] shell opens the sockets.
+//!
+//! A pooled flow is only good for the home-agent session it was opened in:
+//! a restarted home-agent has a new TCP stack behind the same tunnel
+//! address and would reset it. So the pool starts empty with each session
+//! and is emptied when the session ends; flows then open on demand, as
+//! without a pool.
+
+use std::collections::VecDeque;
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use skerry::flow::POOLED_FLOW_MAX_IDLE;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, trace};
+
+/// Flows kept open ahead: a browser opens six connections at once.
+pub const POOL_SIZE: usize = 8;
+/// How long opening one in-tunnel flow may take.
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// First wait after a flow could not be opened; doubles up to
+/// [`RETRY_MAX`] while home does not answer.
+const RETRY_MIN: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// A session's pool: which flows are idle, which are being opened.
+#[derive(Debug)]
+pub struct PoolState<T> {
+    /// The current session's number; `None` while no home-agent session is
+    /// established (flows open on demand then).
+    session: Option<u64>,
+    sessions: u64,
+    /// Oldest first.
+    idle: VecDeque<(T, Instant)>,
+    opening: usize,
+    retry_at: Option<Instant>,
+    retry_wait: Duration,
+    size: usize,
+    max_idle: Duration,
+}
+
+impl<T> PoolState<T> {
+    pub fn new(size: usize, max_idle: Duration) -> Self {
+        PoolState {
+            session: None,
+            sessions: 0,
+            idle: VecDeque::new(),
+            opening: 0,
+            retry_at: None,
+            retry_wait: RETRY_MIN,
+            size,
+            max_idle,
+        }
+    }
+
+    /// A new home-agent session: what was pooled before is returned, to be
+    /// closed.
+    pub fn start_session(&mut self) -> Vec<T> {
+        self.sessions += 1;
+        self.session = Some(self.sessions);
+        self.retry_at = None;
+        self.retry_wait = RETRY_MIN;
+        self.idle.drain(..).map(|(t, _)| t).collect()
+    }
+
+    /// The session ended: the pooled flows are returned, to be closed.
+    pub fn end_session(&mut self) -> Vec<T> {
+        self.session = None;
+        self.idle.drain(..).map(|(t, _)| t).collect()
+    }
+
+    /// How many flows to start opening now, for which session. Counts them
+    /// as opening.
+    pub fn to_open(&mut self, now: Instant) -> Option<(u64, usize)> {
+        let session = self.session?;
+        if let Some(at) = self.retry_at {
+            if now < at {
+                return None;
+            }
+            self.retry_at = None;
+        }
+        let n = self.size.saturating_sub(self.idle.len() + self.opening);
+        if n == 0 {
+            return None;
+        }
+        self.opening += n;
+        Some((session, n))
+    }
+
+    /// A flow opened for `session`. Handed back if that session is over.
+    pub fn opened(&mut self, session: u64, flow: T, now: Instant) -> Option<T> {
+        self.opening = self.opening.saturating_sub(1);
+        self.retry_wait = RETRY_MIN;
+        if self.session == Some(session) && self.idle.len() < self.size {
+            self.idle.push_back((flow, now));
+            None
+        } else {
+            Some(flow)
+        }
+    }
+
+    /// Opening a flow failed: no new attempts until a growing wait passes.
+    pub fn failed(&mut self, now: Instant) {
+        self.opening = self.opening.saturating_sub(1);
+        if self.retry_at.is_none_or(|t| t <= now) {
+            self.retry_at = Some(now + self.retry_wait);
+            self.retry_wait = (self.retry_wait * 2).min(RETRY_MAX);
+        }
+    }
+
+    /// The oldest idle flow: used before it ages out.
+    pub fn take(&mut self) -> Option<T> {
+        self.idle.pop_front().map(|(t, _)| t)
+    }
+
+    /// Idle flows older than the limit, to be closed (and replaced).
+    pub fn expire(&mut self, now: Instant) -> Vec<T> {
+        let mut old = Vec::new();
+        while self
+            .idle
+            .front()
+            .is_some_and(|(_, since)| now.duration_since(*since) >= self.max_idle)
+        {
+            if let Some((t, _)) = self.idle.pop_front() {
+                old.push(t);
+            }
+        }
+        old
+    }
+
+    /// When the pool next needs attention without being told: the oldest
+    /// flow ages out, or a retry is due.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let expiry = self.idle.front().map(|(_, since)| *since + self.max_idle);
+        let retry = self.retry_at.filter(|_| self.session.is_some());
+        match (expiry, retry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    pub fn idle(&self) -> usize {
+        self.idle.len()
+    }
+}
+
+/// The pool of in-tunnel flows to the home-agent's flow port.
+#[derive(Debug)]
+pub struct FlowPool {
+    home: SocketAddr,
+    state: Mutex<PoolState<TcpStream>>,
+    changed: Notify,
+}
+
+impl FlowPool {
+    pub fn new(home: SocketAddr) -> Self {
+        Self::with_size(home, POOL_SIZE, POOLED_FLOW_MAX_IDLE)
+    }
+
+    pub fn with_size(home: SocketAddr, size: usize, max_idle: Duration) -> Self {
+        FlowPool {
+            home,
+            state: Mutex::new(PoolState::new(size, max_idle)),
+            changed: Notify::new(),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, PoolState<TcpStream>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A home-agent session was established: fill the pool for it.
+    pub fn start_session(&self) {
+        let old = self.state().start_session();
+        drop(old);
+        self.changed.notify_one();
+    }
+
+    /// The home-agent session ended: close the pooled flows.
+    pub fn end_session(&self) {
+        let old = self.state().end_session();
+        drop(old);
+        self.changed.notify_one();
+    }
+
+    pub fn idle(&self) -> usize {
+        self.state().idle()
+    }
+
+    /// A flow to home: a pooled one if one is still open, else a new one.
+    pub async fn flow(&self) -> std::io::Result<TcpStream> {
+        loop {
+            let Some(flow) = self.state().take() else {
+                break;
+            };
+            self.changed.notify_one();
+            if still_open(&flow) {
+                return Ok(flow);
+            }
+            debug!("a pooled flow was closed by home; opening another");
+        }
+        tokio::time::timeout(OPEN_TIMEOUT, open_flow(self.home))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "home-agent did not take the flow",
+                )
+            })?
+    }
+
+    /// Keeps the pool filled until `shutdown`.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            let now = Instant::now();
+            let (expired, open, deadline) = {
+                let mut st = self.state();
+                let expired = st.expire(now);
+                let open = st.to_open(now);
+                (expired, open, st.next_deadline())
+            };
+            if !expired.is_empty() {
+                trace!(n = expired.len(), "pooled flows aged out; replacing them");
+            }
+            drop(expired);
+            if let Some((session, n)) = open {
+                for _ in 0..n {
+                    tokio::spawn(self.clone().open_one(session));
+                }
+            }
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = self.changed.notified() => {}
+                () = sleep => {}
+            }
+        }
+        let old = self.state().end_session();
+        drop(old);
+    }
+
+    async fn open_one(self: Arc<Self>, session: u64) {
+        let result = tokio::time::timeout(OPEN_TIMEOUT, open_flow(self.home)).await;
+        let now = Instant::now();
+        match result {
+            Ok(Ok(flow)) => {
+                let unused = self.state().opened(session, flow, now);
+                drop(unused);
+            }
+            Ok(Err(e)) => {
+                debug!(error = %e, "could not open a pooled flow to home");
+                self.state().failed(now);
+            }
+            Err(_) => {
+                debug!("home did not take a pooled flow in time");
+                self.state().failed(now);
+            }
+        }
+        self.changed.notify_one();
+    }
+}
+
+/// Opens a flow to home's flow port through the tunnel.
+async fn open_flow(home: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    // The handshake's last ACK rides on the flow header when that follows
+    // within 200 ms (a pooled flow acknowledges on its own after that).
+    skerry::sockopt::defer_accept(&socket, 1)?;
+    let flow = socket.connect(home).await?;
+    flow.set_nodelay(true)?;
+    Ok(flow)
+}
+
+/// Home sends nothing on a flow before its header, so anything to read
+/// (the end of the stream, an error) means home has closed it.
+fn still_open(flow: &TcpStream) -> bool {
+    let mut byte = [MaybeUninit::<u8>::uninit()];
+    matches!(
+        socket2::SockRef::from(flow).peek(&mut byte),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> PoolState<u32> {
+        PoolState::new(3, Duration::from_secs(60))
+    }
+
+    #[test]
+    fn nothing_is_opened_before_a_session() {
+        let mut st = state();
+        assert_eq!(st.to_open(Instant::now()), None);
+        assert_eq!(st.next_deadline(), None);
+    }
+
+    #[test]
+    fn a_session_fills_the_pool_once() {
+        let now = Instant::now();
+        let mut st = state();
+        st.start_session();
+        assert_eq!(st.to_open(now), Some((1, 3)));
+        // Being opened counts: no second round.
+        assert_eq!(st.to_open(now), None);
+        assert_eq!(st.opened(1, 10, now), None);
+        assert_eq!(st.opened(1, 11, now), None);
+        assert_eq!(st.take(), Some(10));
+        assert_eq!(st.to_open(now), Some((1, 1)));
+    }
+
+    #[test]
+    fn flows_of_an_ended_session_are_handed_back() {
+        let now = Instant::now();
+        let mut st = state();
+        st.start_session();
+        let (first, _) = st.to_open(now).unwrap();
+        st.opened(first, 1, now);
+        assert_eq!(st.start_session(), vec![1]);
+        // Still opening for the first session when the second started.
+        assert_eq!(st.opened(first, 2, now), Some(2));
+        assert_eq!(st.take(), None);
+        st.opened(2, 3, now);
+        assert_eq!(st.end_session(), vec![3]);
+        assert_eq!(st.opened(2, 4, now), Some(4));
+        assert_eq!(st.to_open(now), None);
+    }
+
+    #[test]
+    fn old_flows_age_out_oldest_first() {
+        let t0 = Instant::now();
+        let mut st = state();
+        st.start_session();
+        st.to_open(t0);
+        st.opened(1, 1, t0);
+        st.opened(1, 2, t0 + Duration::from_secs(30));
+        assert_eq!(st.next_deadline(), Some(t0 + Duration::from_secs(60)));
+        assert!(st.expire(t0 + Duration::from_secs(59)).is_empty());
+        assert_eq!(st.expire(t0 + Duration::from_secs(60)), vec![1]);
+        assert_eq!(st.next_deadline(), Some(t0 + Duration::from_secs(90)));
+        assert_eq!(st.take(), Some(2));
+    }
+
+    #[test]
+    fn failures_back_off_and_a_success_resets_the_wait() {
+        let t0 = Instant::now();
+        let mut st = state();
+        st.start_session();
+        assert_eq!(st.to_open(t0), Some((1, 3)));
+        // Three attempts fail together: one wait, not three.
+        st.failed(t0);
+        st.failed(t0);
+        st.failed(t0);
+        assert_eq!(st.next_deadline(), Some(t0 + RETRY_MIN));
+        assert_eq!(st.to_open(t0 + RETRY_MIN / 2), None);
+        let t1 = t0 + RETRY_MIN;
+        assert_eq!(st.to_open(t1), Some((1, 3)));
+        st.failed(t1);
+        assert_eq!(st.next_deadline(), Some(t1 + 2 * RETRY_MIN));
+        st.opened(1, 7, t1);
+        st.failed(t1 + 2 * RETRY_MIN);
+        assert_eq!(
+            st.retry_at,
+            Some(t1 + 2 * RETRY_MIN + RETRY_MIN),
+            "a flow that opened resets the wait"
+        );
+    }
+
+    #[test]
+    fn the_wait_stops_growing() {
+        let mut t = Instant::now();
+        let mut st = state();
+        st.start_session();
+        for _ in 0..20 {
+            st.to_open(t);
+            st.failed(t);
+            t = st.next_deadline().unwrap();
+        }
+        assert_eq!(st.retry_wait, RETRY_MAX);
+    }
+
+    /// Real sockets on loopback: a pooled flow is handed out, one that the
+    /// far end closed is skipped, a new session closes the old flows.
+    #[tokio::test]
+    async fn the_pool_hands_out_open_flows_and_closes_old_ones() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let home = listener.local_addr().unwrap();
+        let pool = Arc::new(FlowPool::with_size(home, 2, Duration::from_secs(60)));
+        let stop = CancellationToken::new();
+        tokio::spawn(pool.clone().run(stop.clone()));
+        pool.start_session();
+        let (mut a, _) = listener.accept().await.unwrap();
+        let (b, _) = listener.accept().await.unwrap();
+        while pool.idle() < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // "Home" closes one of them; the other is handed out.
+        drop(b);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut flow = pool.flow().await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        flow.write_all(b"hello").await.unwrap();
+        let mut got = [0u8; 5];
+        a.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hello", "the open flow was handed out");
+        // The pool refills; a new session closes what it held.
+        let (mut c, _) = listener.accept().await.unwrap();
+        let (_d, _) = listener.accept().await.unwrap();
+        while pool.idle() < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        pool.start_session();
+        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut got))
+            .await
+            .expect("the old session's flow was not closed")
+            .unwrap();
+        assert_eq!(n, 0);
+        stop.cancel();
+    }
+}
