@@ -306,6 +306,41 @@ def measure(h: Harness, setup: S.Setup, cfg: Config) -> dict:
     return res
 
 
+def cpu_use_of_others(secs: float = 1.0) -> tuple[float, list[str]]:
+    """How idle the machine is now, and which processes use it, over one
+    second: not the load average, which still carries the build that
+    run.sh has just done, nor ps's lifetime averages."""
+    def ticks() -> dict[int, tuple[str, int]]:
+        out = {}
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                stat = open(f"/proc/{pid}/stat").read()
+            except OSError:
+                continue
+            comm = stat[stat.find("(") + 1:stat.rfind(")")]
+            fields = stat[stat.rfind(")") + 2:].split()
+            out[int(pid)] = (comm, int(fields[11]) + int(fields[12]))
+        return out
+
+    def cpu_total() -> tuple[int, int]:
+        parts = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+        return sum(parts), parts[3] + parts[4]
+
+    t0, i0, p0 = *cpu_total(), ticks()
+    time.sleep(secs)
+    t1, i1, p1 = *cpu_total(), ticks()
+    idle = (i1 - i0) / max(1, t1 - t0)
+    hz = os.sysconf("SC_CLK_TCK")
+    me = os.getpid()
+    users = sorted(
+        ((p1[pid][1] - p0[pid][1], p1[pid][0]) for pid in p1 if pid in p0 and pid != me),
+        reverse=True,
+    )
+    return idle, [f"{100 * d / hz / secs:.0f}% {comm}" for d, comm in users[:5] if d > 0]
+
+
 def environment(setups: list[S.Setup]) -> dict:
     def first(argv: list[str]) -> str:
         try:
@@ -326,7 +361,7 @@ def environment(setups: list[S.Setup]) -> dict:
         mem = f"{int(open('/proc/meminfo').readline().split()[1]) / 1024 / 1024:.1f} GiB"
     except (OSError, ValueError, IndexError):
         pass
-    busy = subprocess.run(["ps", "-eo", "pcpu=,comm=", "--sort=-pcpu"], capture_output=True, text=True).stdout.splitlines()[:8]
+    idle, busy = cpu_use_of_others()
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "nproc": os.cpu_count(),
@@ -334,7 +369,8 @@ def environment(setups: list[S.Setup]) -> dict:
         "kernel": os.uname().release,
         "memory": mem,
         "loadavg_start": os.getloadavg(),
-        "busy_at_start": [b.strip() for b in busy],
+        "cpu_idle_at_start": idle,
+        "busy_at_start": busy,
         "rustc": first(["rustc", "--version"]),
         "iperf3": first(["iperf3", "--version"]),
         "python": sys.version.split()[0],

@@ -212,8 +212,10 @@ def write(data: dict, out: Path) -> None:
     svg = out.parent / "chart.svg"
     svg.write_text(chart_svg(data, med))
     names = list(data["results"].keys())
-    # The load at the end is mostly the benchmark's own (iperf3 and two agents on 2 cores).
-    busy = env["loadavg_start"][0] > 0.5
+    # Measured over a second before the first test; older results only
+    # have the load average, which still carries run.sh's build.
+    idle = env.get("cpu_idle_at_start")
+    busy = idle is not None and idle < 0.9
     L = []
     L.append("# Benchmark results: skerry vs the alternatives\n")
     L.append("Written by `bench/compare.py` (run it with `sudo bench/run.sh`; see `bench/README.md`). "
@@ -226,8 +228,10 @@ def write(data: dict, out: Path) -> None:
     L.append(f"- machine: {env['nproc']} cores ({env['cpu']}), {env['memory']}, Linux {env['kernel']}")
     L.append(f"- load average at start {env['loadavg_start'][0]:.2f} / {env['loadavg_start'][1]:.2f} / {env['loadavg_start'][2]:.2f}, "
              f"at end {env.get('loadavg_end', [0, 0, 0])[0]:.2f}")
+    if idle is not None:
+        L.append(f"- CPU idle over one second before the first test: {100 * idle:.0f} %")
     if busy:
-        L.append("- **the machine was not idle at the start** (busiest processes then: "
+        L.append("- **the machine was not idle at the start** (other processes then: "
                  + "; ".join(html.escape(b) for b in env.get("busy_at_start", [])[:5])
                  + "). Absolute numbers are lower and noisier than on an idle machine; ratios within one run are what count.")
     L.append(f"- TCP: iperf3, {cfg['tcp_secs']} s per test after 1 s omitted, 1 and 8 streams, upload and download (`-R`)")

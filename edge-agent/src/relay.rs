@@ -174,8 +174,9 @@ async fn tcp_flow(
         client,
     }
     .encode(&mut header);
-    // What the client sent while the flow was being opened (its request,
-    // usually) goes in the same segment as the header.
+    // What the client has sent (its request, usually: it follows the
+    // handshake's last ACK by microseconds, before this task runs) goes in
+    // the same segment as the header.
     let at = header.len();
     header.resize(at + EARLY_DATA, 0);
     match client_stream.try_read(&mut header[at..]) {
