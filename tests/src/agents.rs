@@ -25,10 +25,13 @@ pub const SETTLE: Duration = Duration::from_secs(30);
 /// both and removes everything (the topology last).
 pub struct Pair {
     home: Option<Background>,
+    /// The admin socket (and config follower): kept across home restarts.
+    admin: Option<Background>,
     edge: Option<Background>,
     pub edge_stop: CancellationToken,
     edge_opts: edge_agent::EdgeOptions,
     pub home_stop: CancellationToken,
+    home_run: HomeRun,
     pub status: watch::Receiver<HomeStatus>,
     pub map: watch::Sender<PortMap>,
     pub pki: HomePki,
@@ -102,8 +105,6 @@ impl Pair {
             drain_grace: opts.drain_grace,
         };
         let home_stop = CancellationToken::new();
-        let token = home_stop.clone();
-        let home_pki = pki.clone();
         let admin_socket = state_dir.join("admin.sock");
         let controller = Arc::new(Controller::new(
             "test".into(),
@@ -114,25 +115,35 @@ impl Pair {
         ));
         let socket = admin_socket.clone();
         let config = opts.config.clone();
-        let home = spawn_in(&topo.home, move || async move {
-            tokio::spawn(admin::serve(socket, controller.clone(), token.clone()));
+        // Its own token: it outlives home restarts, and stops when dropped.
+        let token = CancellationToken::new();
+        let follower_status = status_tx.clone();
+        let admin = spawn_in(&topo.home, move || async move {
             if let Some(path) = config {
                 tokio::spawn(home_agent::config::follow(
                     path,
                     Vec::new(),
-                    controller,
-                    status_tx.clone(),
+                    controller.clone(),
+                    follower_status,
                     token.clone(),
                 ));
             }
-            if let Err(e) =
-                home_agent::run(home_opts, &home_pki, &key, map_rx, status_tx, token).await
-            {
-                panic!("home-agent failed: {e:#}");
+            if let Err(e) = admin::serve(socket, controller, token).await {
+                panic!("admin socket: {e:#}");
             }
         });
+        let home_run = HomeRun {
+            opts: home_opts,
+            pki: pki.clone(),
+            key,
+            map: map_rx,
+            status: status_tx,
+        };
+        let home = home_run.start(&topo, home_stop.clone());
         let pair = Pair {
             home: Some(home),
+            admin: Some(admin),
+            home_run,
             edge: Some(edge),
             edge_stop,
             edge_opts,
@@ -180,6 +191,16 @@ impl Pair {
             self.edge_opts.clone(),
             self.edge_stop.clone(),
         ));
+    }
+
+    /// Stops the home-agent and starts it again from the same state (keys,
+    /// port map): what a restart or an upgrade at home looks like. The
+    /// admin socket stays.
+    pub fn restart_home(&mut self) {
+        self.home_stop.cancel();
+        drop(self.home.take());
+        self.home_stop = CancellationToken::new();
+        self.home = Some(self.home_run.start(&self.topo, self.home_stop.clone()));
     }
 
     /// One request through the admin socket, as the CLI sends it.
@@ -240,8 +261,33 @@ impl Drop for Pair {
         self.home_stop.cancel();
         self.edge_stop.cancel();
         drop(self.home.take());
+        drop(self.admin.take());
         drop(self.edge.take());
         let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}
+
+/// What starts a home-agent, kept to start it again.
+struct HomeRun {
+    opts: HomeOptions,
+    pki: HomePki,
+    key: WireguardKey,
+    map: watch::Receiver<PortMap>,
+    status: watch::Sender<HomeStatus>,
+}
+
+impl HomeRun {
+    fn start(&self, topo: &Topology, stop: CancellationToken) -> Background {
+        let opts = self.opts.clone();
+        let pki = self.pki.clone();
+        let key = self.key.clone();
+        let map = self.map.clone();
+        let status = self.status.clone();
+        spawn_in(&topo.home, move || async move {
+            if let Err(e) = home_agent::run(opts, &pki, &key, map, status, stop).await {
+                panic!("home-agent failed: {e:#}");
+            }
+        })
     }
 }
 

@@ -454,6 +454,58 @@ fn an_edge_restart_is_rebuilt_from_home() {
     assert_eq!(word, "new target");
 }
 
+/// A home-agent that restarts while the edge stays (an upgrade, a reboot
+/// at home) comes back to a working edge. Nothing from home reaches the
+/// edge while it stops, as when it crashes: the edge's pooled flows to the
+/// old home-agent are never closed by it, and the new session must not
+/// hand them out (the new home's TCP stack would reset them).
+#[test]
+fn a_restarted_home_gets_no_flows_meant_for_the_old_one() {
+    skerry_tests::init_tracing();
+    let mut pair = Pair::start(&[&format!("tcp/9000={ECHO}")]);
+    let _svc = services(&pair);
+    let v4 = pair.topo.edge_public_v4;
+    assert!(run_in(&pair.topo.client, move || async move {
+        let mut s = TcpStream::connect((v4, 9000)).await.unwrap();
+        round_trip(&mut s, 1024, 1).await
+    }));
+    let sessions = pair.status.borrow().sessions;
+    pair.topo
+        .edge
+        .exec("sh", &["-c", "nft add table inet skhome && nft add chain inet skhome in '{ type filter hook input priority 0; }' && nft add rule inet skhome in udp dport '{ 7443, 51820 }' drop"])
+        .expect("nft rule: nothing from home reaches the edge");
+    pair.restart_home();
+    pair.topo
+        .edge
+        .exec("nft", &["delete", "table", "inet", "skhome"])
+        .expect("remove nft rule");
+    let mut status = pair.status.clone();
+    skerry_tests::agents::block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            status.wait_for(|s| s.connected && s.sessions > sessions),
+        )
+        .await
+        .expect("the restarted home-agent did not reconnect")
+        .unwrap();
+    });
+    // More connections than the edge pools, one after another: none may
+    // land on a flow opened to the old home-agent.
+    let n = edge_agent::flow_pool::POOL_SIZE + 4;
+    run_in(&pair.topo.client, move || async move {
+        for i in 0..n {
+            let mut s = TcpStream::connect((v4, 9000))
+                .await
+                .unwrap_or_else(|e| panic!("connection {i} after the restart: {e}"));
+            let seed = u8::try_from(i).unwrap_or(0);
+            assert!(
+                round_trip(&mut s, 1024, seed).await,
+                "connection {i} after the restart failed"
+            );
+        }
+    });
+}
+
 #[test]
 fn idle_udp_flows_expire() {
     skerry_tests::init_tracing();
