@@ -110,6 +110,10 @@ pub async fn serve(
 async fn serve_connection(incoming: quinn::Incoming, state: Arc<ControlState>) {
     let conn = match incoming.await {
         Ok(c) => c,
+        Err(e) if is_probe(&e) => {
+            info!("a home-agent checked that this edge answers");
+            return;
+        }
         Err(e) => {
             // No client certificate, one from another CA, wrong ALPN, or a
             // handshake that never completed.
@@ -119,6 +123,10 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<ControlState>) {
     };
     let (mut send, recv) = match conn.accept_bi().await {
         Ok(s) => s,
+        Err(e) if is_probe(&e) => {
+            info!("a home-agent checked that this edge answers");
+            return;
+        }
         Err(e) => {
             warn!(reason = %e, "control connection closed before opening a stream");
             return;
@@ -170,6 +178,12 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<ControlState>) {
         *current = None;
         state.pool.end_session();
     }
+}
+
+/// A home-agent that has just created this edge's droplet connects once to
+/// see it answer, then closes with code 0: not a failure worth a warning.
+fn is_probe(e: &quinn::ConnectionError) -> bool {
+    matches!(e, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == quinn::VarInt::from_u32(0))
 }
 
 async fn refuse(send: &mut quinn::SendStream, conn: &quinn::Connection, e: &ProtocolError) {
