@@ -325,7 +325,8 @@ def cpu_use_of_others(secs: float = 1.0) -> tuple[float, list[str]]:
         return out
 
     def cpu_total() -> tuple[int, int]:
-        parts = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+        # user … steal; guest time is already counted in user and nice.
+        parts = [int(x) for x in open("/proc/stat").readline().split()[1:9]]
         return sum(parts), parts[3] + parts[4]
 
     t0, i0, p0 = *cpu_total(), ticks()
@@ -338,6 +339,7 @@ def cpu_use_of_others(secs: float = 1.0) -> tuple[float, list[str]]:
         ((p1[pid][1] - p0[pid][1], p1[pid][0]) for pid in p1 if pid in p0 and pid != me),
         reverse=True,
     )
+    # Per process: percent of one core, as top shows it.
     return idle, [f"{100 * d / hz / secs:.0f}% {comm}" for d, comm in users[:5] if d > 0]
 
 

@@ -212,8 +212,8 @@ def write(data: dict, out: Path) -> None:
     svg = out.parent / "chart.svg"
     svg.write_text(chart_svg(data, med))
     names = list(data["results"].keys())
-    # Measured over a second before the first test; older results only
-    # have the load average, which still carries run.sh's build.
+    # Measured over a second before the first test. Older results lack it
+    # and are not flagged: their load average still carried run.sh's build.
     idle = env.get("cpu_idle_at_start")
     busy = idle is not None and idle < 0.9
     L = []

@@ -139,6 +139,9 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<ControlState>) {
             match session.handle(msg)? {
                 EdgeAction::Established { home_key, reply } => {
                     info!(home_key = %short_key(&home_key), "home-agent connected");
+                    // No flow opened to the previous home-agent may be
+                    // handed out once the tunnel leads to this one.
+                    state.pool.end_session();
                     if state.tunnel.set_peer(home_key).await.is_err() {
                         return Err(ControlError::Io(std::io::Error::other("tunnel stopped")));
                     }

@@ -12,14 +12,18 @@
 //! [`FlowPool`] shell opens the sockets.
 //!
 //! A pooled flow is only good for the home-agent session it was opened in:
-//! a restarted home-agent has a new TCP stack behind the same tunnel
-//! address and would reset it. So the pool starts empty with each session
-//! and is emptied when the session ends; flows then open on demand, as
-//! without a pool.
+//! a restarted home-agent has no socket for it, so home's kernel would
+//! reset it. So the pool starts empty with each session and is emptied
+//! when the session ends; flows then open on demand, as without a pool.
+//! A home-agent that dies without a word is noticed only when its session
+//! times out; a flow taken meanwhile gives up as a connect to home would,
+//! since home must acknowledge a flow's first bytes within
+//! [`OPEN_TIMEOUT`] (see [`confirm_after_open_timeout`]).
 
 use std::collections::VecDeque;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -45,7 +49,7 @@ pub struct PoolState<T> {
     /// The current session's number; `None` while no home-agent session is
     /// established (flows open on demand then).
     session: Option<u64>,
-    sessions: u64,
+    last_session: u64,
     /// Oldest first.
     idle: VecDeque<(T, Instant)>,
     opening: usize,
@@ -59,7 +63,7 @@ impl<T> PoolState<T> {
     pub fn new(size: usize, max_idle: Duration) -> Self {
         PoolState {
             session: None,
-            sessions: 0,
+            last_session: 0,
             idle: VecDeque::new(),
             opening: 0,
             retry_at: None,
@@ -72,8 +76,10 @@ impl<T> PoolState<T> {
     /// A new home-agent session: what was pooled before is returned, to be
     /// closed.
     pub fn start_session(&mut self) -> Vec<T> {
-        self.sessions += 1;
-        self.session = Some(self.sessions);
+        self.last_session += 1;
+        self.session = Some(self.last_session);
+        // Opens still under way belong to the old session: not counted.
+        self.opening = 0;
         self.retry_at = None;
         self.retry_wait = RETRY_MIN;
         self.idle.drain(..).map(|(t, _)| t).collect()
@@ -82,6 +88,7 @@ impl<T> PoolState<T> {
     /// The session ended: the pooled flows are returned, to be closed.
     pub fn end_session(&mut self) -> Vec<T> {
         self.session = None;
+        self.opening = 0;
         self.idle.drain(..).map(|(t, _)| t).collect()
     }
 
@@ -105,9 +112,12 @@ impl<T> PoolState<T> {
 
     /// A flow opened for `session`. Handed back if that session is over.
     pub fn opened(&mut self, session: u64, flow: T, now: Instant) -> Option<T> {
+        if self.session != Some(session) {
+            return Some(flow);
+        }
         self.opening = self.opening.saturating_sub(1);
         self.retry_wait = RETRY_MIN;
-        if self.session == Some(session) && self.idle.len() < self.size {
+        if self.idle.len() < self.size {
             self.idle.push_back((flow, now));
             None
         } else {
@@ -115,8 +125,12 @@ impl<T> PoolState<T> {
         }
     }
 
-    /// Opening a flow failed: no new attempts until a growing wait passes.
-    pub fn failed(&mut self, now: Instant) {
+    /// Opening a flow for `session` failed: no new attempts until a growing
+    /// wait passes. A failure from an ended session says nothing of this one.
+    pub fn failed(&mut self, session: u64, now: Instant) {
+        if self.session != Some(session) {
+            return;
+        }
         self.opening = self.opening.saturating_sub(1);
         if self.retry_at.is_none_or(|t| t <= now) {
             self.retry_at = Some(now + self.retry_wait);
@@ -270,11 +284,11 @@ impl FlowPool {
             }
             Ok(Err(e)) => {
                 debug!(error = %e, "could not open a pooled flow to home");
-                self.state().failed(now);
+                self.state().failed(session, now);
             }
             Err(_) => {
                 debug!("home did not take a pooled flow in time");
-                self.state().failed(now);
+                self.state().failed(session, now);
             }
         }
         self.changed.notify_one();
@@ -287,9 +301,34 @@ async fn open_flow(home: SocketAddr) -> std::io::Result<TcpStream> {
     // The handshake's last ACK rides on the flow header when that follows
     // within 200 ms (a pooled flow acknowledges on its own after that).
     skerry::sockopt::defer_accept(&socket, 1)?;
+    // Until confirm_after_open_timeout: a home that does not acknowledge
+    // within this fails the flow, as an unanswered connect would.
+    socket2::SockRef::from(&socket).set_tcp_user_timeout(Some(OPEN_TIMEOUT))?;
     let flow = socket.connect(home).await?;
     flow.set_nodelay(true)?;
     Ok(flow)
+}
+
+/// Runs a flow's relay; once the kernel has had time to act on the open
+/// timeout (home had [`OPEN_TIMEOUT`] to acknowledge the flow's first
+/// bytes; the check runs at a retransmission, so it is given as long
+/// again), lifts it, so that later a long outage of the home link stalls
+/// the flow instead of ending it, as TCP does by default. `flow` is a
+/// second descriptor of the flow's socket (the relay holds the stream).
+pub async fn confirm_after_open_timeout<F>(flow: std::io::Result<OwnedFd>, relay: F) -> F::Output
+where
+    F: std::future::Future,
+{
+    tokio::pin!(relay);
+    tokio::select! {
+        out = &mut relay => out,
+        () = tokio::time::sleep(2 * OPEN_TIMEOUT) => {
+            if let Err(e) = flow.and_then(|fd| socket2::Socket::from(fd).set_tcp_user_timeout(None)) {
+                debug!(error = %e, "could not lift a flow's open timeout; it ends after 10 s without acknowledgements");
+            }
+            relay.await
+        }
+    }
 }
 
 /// Home sends nothing on a flow before its header, so anything to read
@@ -346,6 +385,12 @@ mod tests {
         assert_eq!(st.end_session(), vec![3]);
         assert_eq!(st.opened(2, 4, now), Some(4));
         assert_eq!(st.to_open(now), None);
+        // An old session's failure neither delays nor counts in a new one.
+        st.start_session();
+        assert_eq!(st.to_open(now), Some((3, 3)));
+        st.failed(2, now);
+        assert_eq!(st.next_deadline(), None);
+        assert_eq!(st.to_open(now), None, "still three opening");
     }
 
     #[test]
@@ -370,17 +415,17 @@ mod tests {
         st.start_session();
         assert_eq!(st.to_open(t0), Some((1, 3)));
         // Three attempts fail together: one wait, not three.
-        st.failed(t0);
-        st.failed(t0);
-        st.failed(t0);
+        st.failed(1, t0);
+        st.failed(1, t0);
+        st.failed(1, t0);
         assert_eq!(st.next_deadline(), Some(t0 + RETRY_MIN));
         assert_eq!(st.to_open(t0 + RETRY_MIN / 2), None);
         let t1 = t0 + RETRY_MIN;
         assert_eq!(st.to_open(t1), Some((1, 3)));
-        st.failed(t1);
+        st.failed(1, t1);
         assert_eq!(st.next_deadline(), Some(t1 + 2 * RETRY_MIN));
         st.opened(1, 7, t1);
-        st.failed(t1 + 2 * RETRY_MIN);
+        st.failed(1, t1 + 2 * RETRY_MIN);
         assert_eq!(
             st.retry_at,
             Some(t1 + 2 * RETRY_MIN + RETRY_MIN),
@@ -395,7 +440,7 @@ mod tests {
         st.start_session();
         for _ in 0..20 {
             st.to_open(t);
-            st.failed(t);
+            st.failed(1, t);
             t = st.next_deadline().unwrap();
         }
         assert_eq!(st.retry_wait, RETRY_MAX);

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -185,7 +186,12 @@ async fn tcp_flow(
         Err(e) => return Err(e),
     }
     home.write_all(&header).await?;
-    let (up, down) = skerry::relay::relay_tcp(&mut client_stream, &mut home).await?;
+    let flow = home.as_fd().try_clone_to_owned();
+    let (up, down) = crate::flow_pool::confirm_after_open_timeout(
+        flow,
+        skerry::relay::relay_tcp(&mut client_stream, &mut home),
+    )
+    .await?;
     trace!(up, down, "flow closed");
     Ok(())
 }

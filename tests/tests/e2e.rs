@@ -412,33 +412,9 @@ fn a_new_connection_needs_no_round_trip_to_home() {
             });
         }
     });
-    let home_flows = format!(
-        "dst {}:{}",
-        skerry::tunnel::TunnelAddrs::DEFAULT.home(),
-        skerry::flow::TCP_FLOW_PORT
-    );
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = pair
-            .topo
-            .edge
-            .exec(
-                "sh",
-                &["-c", &format!("ss -Htn state established {home_flows}")],
-            )
-            .expect("ss in the edge namespace");
-        let open = String::from_utf8_lossy(&out.stdout).lines().count();
-        if open >= edge_agent::flow_pool::POOL_SIZE {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the edge did not open its pooled flows to home: {open} open"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    // Home has taken them (the handshake's last ACK waits up to 200 ms).
-    std::thread::sleep(Duration::from_millis(400));
+    wait_for_pooled_flows(&pair);
+    // Nothing more from home is needed: its flow listener takes a flow when
+    // the first data arrives (TCP_DEFER_ACCEPT), and that is the header.
     let wireguard = skerry::bootstrap::DEFAULT_WIREGUARD_PORT;
     pair.topo
         .edge
@@ -458,4 +434,65 @@ fn a_new_connection_needs_no_round_trip_to_home() {
         .recv_timeout(Duration::from_secs(20))
         .expect("the request never reached home: the edge waited for an answer from home first");
     assert_eq!(got, b"first bytes");
+}
+
+/// Waits until the edge holds its pooled flows to home.
+fn wait_for_pooled_flows(pair: &Pair) {
+    let home_flows = format!(
+        "dst {}:{}",
+        skerry::tunnel::TunnelAddrs::DEFAULT.home(),
+        skerry::flow::TCP_FLOW_PORT
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = pair
+            .topo
+            .edge
+            .exec(
+                "sh",
+                &["-c", &format!("ss -Htn state established {home_flows}")],
+            )
+            .expect("ss in the edge namespace");
+        let open = String::from_utf8_lossy(&out.stdout).lines().count();
+        if open >= edge_agent::flow_pool::POOL_SIZE {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the edge did not open its pooled flows to home: {open} open"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A pooled flow taken after home died without a word (before the edge's
+/// control session times out) ends once home has failed to acknowledge
+/// its first bytes for the open timeout, as an unanswered connect to home
+/// did, instead of hanging through the kernel's 15 minutes of
+/// retransmissions.
+#[test]
+fn a_flow_home_never_acknowledges_ends_after_the_open_timeout() {
+    skerry_tests::init_tracing();
+    let pair = Pair::start(&[&format!("tcp/9000={TCP_TARGET}")]);
+    wait_for_pooled_flows(&pair);
+    let wireguard = skerry::bootstrap::DEFAULT_WIREGUARD_PORT;
+    pair.topo
+        .edge
+        .exec(
+            "sh",
+            &["-c", &format!("nft add table inet skdead && nft add chain inet skdead out '{{ type filter hook output priority 0; }}' && nft add rule inet skdead out udp sport {wireguard} drop")],
+        )
+        .expect("nft rule: nothing from the edge reaches home");
+    let public = SocketAddr::from((pair.topo.edge_public_v4, 9000));
+    let limit = edge_agent::flow_pool::OPEN_TIMEOUT + Duration::from_secs(20);
+    run_in(&pair.topo.client, move || async move {
+        let mut s = TcpStream::connect(public).await.expect("connect");
+        s.write_all(b"hello?").await.expect("send");
+        let mut buf = [0u8; 16];
+        let ended = tokio::time::timeout(limit, s.read(&mut buf)).await;
+        assert!(
+            matches!(ended, Ok(Ok(0) | Err(_))),
+            "the connection should end when home never acknowledges: {ended:?}"
+        );
+    });
 }

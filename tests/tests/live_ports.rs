@@ -11,6 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use skerry::bootstrap::{DEFAULT_CONTROL_PORT, DEFAULT_WIREGUARD_PORT};
 use skerry_tests::agents::{Pair, PairOptions};
 use skerry_tests::{run_in, spawn_in};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -472,7 +473,7 @@ fn a_restarted_home_gets_no_flows_meant_for_the_old_one() {
     let sessions = pair.status.borrow().sessions;
     pair.topo
         .edge
-        .exec("sh", &["-c", "nft add table inet skhome && nft add chain inet skhome in '{ type filter hook input priority 0; }' && nft add rule inet skhome in udp dport '{ 7443, 51820 }' drop"])
+        .exec("sh", &["-c", &format!("nft add table inet skhome && nft add chain inet skhome in '{{ type filter hook input priority 0; }}' && nft add rule inet skhome in udp dport '{{ {DEFAULT_CONTROL_PORT}, {DEFAULT_WIREGUARD_PORT} }}' drop")])
         .expect("nft rule: nothing from home reaches the edge");
     pair.restart_home();
     pair.topo
