@@ -203,6 +203,21 @@ impl Pair {
         self.home = Some(self.home_run.start(&self.topo, self.home_stop.clone()));
     }
 
+    /// Blocks until the home-agent has a session newer than the
+    /// `sessions`-th (after a restart of either side).
+    pub fn wait_reconnected(&self, sessions: u64) {
+        let mut status = self.status.clone();
+        block_on(async move {
+            tokio::time::timeout(
+                Duration::from_secs(60),
+                status.wait_for(|s| s.connected && s.sessions > sessions),
+            )
+            .await
+            .expect("the home-agent did not reconnect within 60 s")
+            .expect("home-agent stopped");
+        });
+    }
+
     /// One request through the admin socket, as the CLI sends it.
     pub fn admin(&self, req: admin::Request) -> admin::Response {
         let path = self.admin_socket.clone();

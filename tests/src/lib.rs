@@ -343,6 +343,17 @@ where
     }
 }
 
+/// Drops packets in `ns` with an nftables rule, in a table of its own
+/// (`nft delete table inet TABLE` lifts it): `hook` is `input` or
+/// `output`, `matcher` an nft expression such as `udp dport 51820`.
+pub fn nft_drop(ns: &NetNs, table: &str, hook: &str, matcher: &str) {
+    let script = format!(
+        "nft add table inet {table} && nft add chain inet {table} {hook} '{{ type filter hook {hook} priority 0; }}' && nft add rule inet {table} {hook} {matcher} drop"
+    );
+    ns.exec("sh", &["-c", &script])
+        .unwrap_or_else(|e| panic!("nft rule in {}: {matcher} drop: {e}", ns.name()));
+}
+
 /// Binds a TCP listener to `addr` inside `ns` and hands it back, in
 /// non-blocking mode, ready for `tokio::net::TcpListener::from_std` on any
 /// runtime. The socket stays in `ns`, whichever thread uses it.

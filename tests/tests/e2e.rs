@@ -416,13 +416,13 @@ fn a_new_connection_needs_no_round_trip_to_home() {
     // Nothing more from home is needed: its flow listener takes a flow when
     // the first data arrives (TCP_DEFER_ACCEPT), and that is the header.
     let wireguard = skerry::bootstrap::DEFAULT_WIREGUARD_PORT;
-    pair.topo
-        .edge
-        .exec(
-            "sh",
-            &["-c", &format!("nft add table inet skpool && nft add chain inet skpool in '{{ type filter hook input priority 0; }}' && nft add rule inet skpool in udp dport {wireguard} drop")],
-        )
-        .expect("nft rule: nothing from home reaches the edge");
+    // Nothing from home reaches the edge.
+    skerry_tests::nft_drop(
+        &pair.topo.edge,
+        "skpool",
+        "input",
+        &format!("udp dport {wireguard}"),
+    );
     let public = SocketAddr::from((pair.topo.edge_public_v4, 9000));
     let _client = spawn_in(&pair.topo.client, move || async move {
         let mut s = TcpStream::connect(public).await.expect("connect");
@@ -476,13 +476,13 @@ fn a_flow_home_never_acknowledges_ends_after_the_open_timeout() {
     let pair = Pair::start(&[&format!("tcp/9000={TCP_TARGET}")]);
     wait_for_pooled_flows(&pair);
     let wireguard = skerry::bootstrap::DEFAULT_WIREGUARD_PORT;
-    pair.topo
-        .edge
-        .exec(
-            "sh",
-            &["-c", &format!("nft add table inet skdead && nft add chain inet skdead out '{{ type filter hook output priority 0; }}' && nft add rule inet skdead out udp sport {wireguard} drop")],
-        )
-        .expect("nft rule: nothing from the edge reaches home");
+    // Nothing from the edge reaches home.
+    skerry_tests::nft_drop(
+        &pair.topo.edge,
+        "skdead",
+        "output",
+        &format!("udp sport {wireguard}"),
+    );
     let public = SocketAddr::from((pair.topo.edge_public_v4, 9000));
     let limit = edge_agent::flow_pool::OPEN_TIMEOUT + Duration::from_secs(20);
     run_in(&pair.topo.client, move || async move {

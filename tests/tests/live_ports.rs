@@ -371,10 +371,12 @@ fn losing_the_control_channel_keeps_flows_and_the_reconnect_resends_the_map() {
     from_flow.recv_timeout(Duration::from_secs(30)).unwrap();
 
     // Drop every control packet at the edge: the session times out.
-    pair.topo
-        .edge
-        .exec("sh", &["-c", "nft add table inet skt && nft add chain inet skt in '{ type filter hook input priority 0; }' && nft add rule inet skt in udp dport 7443 drop"])
-        .expect("nft rule");
+    skerry_tests::nft_drop(
+        &pair.topo.edge,
+        "skt",
+        "input",
+        &format!("udp dport {DEFAULT_CONTROL_PORT}"),
+    );
     let mut status = pair.status.clone();
     skerry_tests::agents::block_on(async {
         tokio::time::timeout(Duration::from_secs(60), status.wait_for(|s| !s.connected))
@@ -427,16 +429,7 @@ fn an_edge_restart_is_rebuilt_from_home() {
     let v4 = pair.topo.edge_public_v4;
     let sessions = pair.status.borrow().sessions;
     pair.restart_edge();
-    let mut status = pair.status.clone();
-    skerry_tests::agents::block_on(async {
-        tokio::time::timeout(
-            Duration::from_secs(60),
-            status.wait_for(|s| s.connected && s.sessions > sessions),
-        )
-        .await
-        .expect("the home-agent did not reconnect to the restarted edge")
-        .unwrap();
-    });
+    pair.wait_reconnected(sessions);
     let status = wait_status(&pair, |s| s.ports.iter().all(|p| p.ok));
     assert_eq!(status.ports.len(), 2);
     // The new edge has a new WireGuard key; the tunnel follows it.
@@ -471,25 +464,18 @@ fn a_restarted_home_gets_no_flows_meant_for_the_old_one() {
         round_trip(&mut s, 1024, 1).await
     }));
     let sessions = pair.status.borrow().sessions;
-    pair.topo
-        .edge
-        .exec("sh", &["-c", &format!("nft add table inet skhome && nft add chain inet skhome in '{{ type filter hook input priority 0; }}' && nft add rule inet skhome in udp dport '{{ {DEFAULT_CONTROL_PORT}, {DEFAULT_WIREGUARD_PORT} }}' drop")])
-        .expect("nft rule: nothing from home reaches the edge");
+    skerry_tests::nft_drop(
+        &pair.topo.edge,
+        "skhome",
+        "input",
+        &format!("udp dport {{ {DEFAULT_CONTROL_PORT}, {DEFAULT_WIREGUARD_PORT} }}"),
+    );
     pair.restart_home();
     pair.topo
         .edge
         .exec("nft", &["delete", "table", "inet", "skhome"])
         .expect("remove nft rule");
-    let mut status = pair.status.clone();
-    skerry_tests::agents::block_on(async {
-        tokio::time::timeout(
-            Duration::from_secs(60),
-            status.wait_for(|s| s.connected && s.sessions > sessions),
-        )
-        .await
-        .expect("the restarted home-agent did not reconnect")
-        .unwrap();
-    });
+    pair.wait_reconnected(sessions);
     // More connections than the edge pools, one after another: none may
     // land on a flow opened to the old home-agent.
     let n = edge_agent::flow_pool::POOL_SIZE + 4;
