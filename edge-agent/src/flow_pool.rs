@@ -36,7 +36,8 @@ use tracing::{debug, trace};
 
 /// Flows kept open ahead: a browser opens six connections at once.
 pub const POOL_SIZE: usize = 8;
-/// How long opening one in-tunnel flow may take.
+/// How long opening an in-tunnel flow may take, and home's acknowledgement
+/// of its first bytes.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// First wait after a flow could not be opened; doubles up to
 /// [`RETRY_MAX`] while home does not answer.
