@@ -30,6 +30,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Once;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
 use rand::rngs::StdRng;
@@ -340,6 +341,22 @@ where
         name,
         stop: Some(stop),
         thread: Some(thread),
+    }
+}
+
+/// Calls `check` every 50 ms until it gives a value; after `limit`, fails
+/// the test with what `check` last said.
+pub fn poll_until<T>(limit: Duration, mut check: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        match check() {
+            Ok(v) => return v,
+            Err(why) => assert!(
+                std::time::Instant::now() < deadline,
+                "not within {limit:?}: {why}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

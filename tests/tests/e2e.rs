@@ -443,8 +443,7 @@ fn wait_for_pooled_flows(pair: &Pair) {
         skerry::tunnel::TunnelAddrs::DEFAULT.home(),
         skerry::flow::TCP_FLOW_PORT
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
+    skerry_tests::poll_until(Duration::from_secs(30), || {
         let out = pair
             .topo
             .edge
@@ -455,14 +454,13 @@ fn wait_for_pooled_flows(pair: &Pair) {
             .expect("ss in the edge namespace");
         let open = String::from_utf8_lossy(&out.stdout).lines().count();
         if open >= edge_agent::flow_pool::POOL_SIZE {
-            return;
+            Ok(())
+        } else {
+            Err(format!(
+                "the edge did not open its pooled flows to home: {open} open"
+            ))
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the edge did not open its pooled flows to home: {open} open"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    });
 }
 
 /// A pooled flow taken after home died without a word (before the edge's

@@ -328,18 +328,14 @@ fn wait_status(
     pair: &Pair,
     done: impl Fn(&home_agent::admin::StatusReport) -> bool,
 ) -> home_agent::admin::StatusReport {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
+    skerry_tests::poll_until(Duration::from_secs(20), || {
         let s = pair.status_report();
         if done(&s) {
-            return s;
+            Ok(s)
+        } else {
+            Err(format!("status never reached the expected state: {s:?}"))
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "status never reached the expected state: {s:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    })
 }
 
 #[test]
