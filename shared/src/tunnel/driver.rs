@@ -17,6 +17,7 @@ use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use quinn_udp::UdpSocketState;
 
+use super::gro_buf::{GroBuf, HeadPool, OFFSET, PACKET_BUF};
 use crate::udp_batch::{self, GSO_MAX_BYTES, RecvBatch};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
@@ -128,23 +129,13 @@ pub struct TunnelStopped;
 const BATCH: usize = 128;
 /// Each gathered packet's buffer: an offloaded super-packet arrives whole in
 /// its own buffer and is cut into MTU-sized packets, so these need room for
-/// one packet of the largest MTU we would run (2048, the tunnel's is 1420),
-/// not 64 KiB: 256 KiB for the batch instead of 8 MiB, and fewer pages
-/// touched.
-const SEGMENT_BUF: usize = OFFSET + 2048;
+/// one packet, not 64 KiB: 256 KiB for the batch instead of 8 MiB, and
+/// fewer pages touched.
+const SEGMENT_BUF: usize = PACKET_BUF;
 /// Packets one offloaded super-packet may be cut into: about 48 for TCP
 /// (64 KiB in 1380-byte segments), at most 64 for UDP (the GSO limit).
 /// A read needs room for this many, or tun-rs refuses the packet.
 const TSO_SEGMENTS_MAX: usize = 64;
-/// Room before each packet in a TUN buffer: the 10-byte virtio header the
-/// offload path writes in front, with spare for alignment.
-const OFFSET: usize = 16;
-/// Capacity of each TUN write buffer, exactly. GRO coalesces a flow's
-/// packets into its first buffer while they fit the capacity (less twice
-/// the offset), and that is tun-rs's only bound on UDP: one byte more and
-/// a coalesced packet passes 65535 bytes, its IP length wraps and the
-/// kernel cuts it into garbage.
-const TUN_BUF_CAP: usize = 65535 + 2 * OFFSET;
 
 /// State shared by the send and receive pipelines and the timer.
 ///
@@ -486,8 +477,7 @@ async fn send_datagrams(ctx: &Context, run: &[u8], segment: usize, to: SocketAdd
 /// add resident memory (every slot is touched whole once GRO fills it).
 const RX_SLOTS: usize = 4;
 /// Decrypted packets handed to the TUN in one GRO pass: one full GRO
-/// receive. Any buffer may become a flow's 64 KiB coalescing head, so this
-/// bounds the pipeline's resident memory at about 4 MiB.
+/// receive. Each is a [`GroBuf`], small unless GRO coalesces into it.
 const TUN_BATCH: usize = 64;
 
 /// UDP → decrypt → TUN. One `recvmmsg` gathers what is waiting (with GRO,
@@ -495,9 +485,8 @@ const TUN_BATCH: usize = 64;
 /// straight into the TUN buffers, and writes them in one GRO-coalesced batch.
 async fn receive_pipeline(ctx: Arc<Context>, shutdown: CancellationToken) {
     let mut batch = RecvBatch::<RX_SLOTS>::new();
-    let mut tun_bufs: Vec<Vec<u8>> = (0..TUN_BATCH)
-        .map(|_| Vec::with_capacity(TUN_BUF_CAP))
-        .collect();
+    let heads = Arc::new(HeadPool::default());
+    let mut tun_bufs: Vec<GroBuf> = (0..TUN_BATCH).map(|_| GroBuf::new(heads.clone())).collect();
     let mut replies: Vec<(Vec<u8>, SocketAddr)> = Vec::new();
     let mut scratch = vec![0u8; MAX_PACKET + 32];
     let mut gro = tun_rs::GROTable::new();
@@ -528,8 +517,15 @@ async fn receive_pipeline(ctx: Arc<Context>, shutdown: CancellationToken) {
                             debug!("more datagrams in one receive than TUN buffers; dropped");
                             break;
                         };
-                        if open_datagram(&ctx, sh, datagram, from, buf, &mut scratch, &mut replies)
-                        {
+                        if open_datagram(
+                            &ctx,
+                            sh,
+                            datagram,
+                            from,
+                            buf.packet(),
+                            &mut scratch,
+                            &mut replies,
+                        ) {
                             ready += 1;
                         }
                     }
@@ -547,6 +543,9 @@ async fn receive_pipeline(ctx: Arc<Context>, shutdown: CancellationToken) {
                     .await
             {
                 debug!(error = %e, "TUN write failed");
+            }
+            for buf in &mut tun_bufs[..ready] {
+                buf.release();
             }
         }
     }
@@ -675,88 +674,4 @@ pub fn short_key(key: &[u8; 32]) -> String {
     use base64::Engine;
     let s = base64::engine::general_purpose::STANDARD.encode(key);
     s[..8].to_owned()
-}
-
-#[cfg(test)]
-#[allow(clippy::cast_possible_truncation)]
-mod tests {
-    use super::*;
-
-    /// Internet checksum (RFC 1071) of `data`, continuing from `sum`.
-    fn csum(data: &[u8], mut sum: u32) -> u16 {
-        for pair in data.chunks(2) {
-            let hi = u32::from(pair[0]) << 8;
-            sum += hi | pair.get(1).map_or(0, |&b| u32::from(b));
-        }
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        !(sum as u16)
-    }
-
-    /// An IPv4 UDP packet 10.77.0.1:51820 → 10.77.0.2:7002 behind `OFFSET`
-    /// bytes of room, as the receive pipeline hands them to the TUN.
-    fn udp_packet(id: u16, payload_len: usize) -> Vec<u8> {
-        let (src, dst) = ([10, 77, 0, 1], [10, 77, 0, 2]);
-        let total = 20 + 8 + payload_len;
-        let mut p = Vec::with_capacity(TUN_BUF_CAP);
-        p.resize(OFFSET, 0);
-        p.extend_from_slice(&[0x45, 0, 0, 0, 0, 0, 0, 0, 64, 17, 0, 0]);
-        p[OFFSET + 2..OFFSET + 4].copy_from_slice(&(total as u16).to_be_bytes());
-        p[OFFSET + 4..OFFSET + 6].copy_from_slice(&id.to_be_bytes());
-        p.extend_from_slice(&src);
-        p.extend_from_slice(&dst);
-        let ip_sum = csum(&p[OFFSET..OFFSET + 20], 0);
-        p[OFFSET + 10..OFFSET + 12].copy_from_slice(&ip_sum.to_be_bytes());
-        let udp_len = (8 + payload_len) as u16;
-        p.extend_from_slice(&51820u16.to_be_bytes());
-        p.extend_from_slice(&7002u16.to_be_bytes());
-        p.extend_from_slice(&udp_len.to_be_bytes());
-        p.extend_from_slice(&[0, 0]);
-        p.extend((0..payload_len).map(|i| (i as u8) ^ (id as u8)));
-        let pseudo: u32 = [src, dst]
-            .iter()
-            .map(|a| {
-                u32::from(u16::from_be_bytes([a[0], a[1]]))
-                    + u32::from(u16::from_be_bytes([a[2], a[3]]))
-            })
-            .sum::<u32>()
-            + 17
-            + u32::from(udp_len);
-        let udp_sum = csum(&p[OFFSET + 20..], pseudo);
-        p[OFFSET + 26..OFFSET + 28].copy_from_slice(&udp_sum.to_be_bytes());
-        p
-    }
-
-    /// 64 equal UDP packets of one flow: more than 64 KiB together. What
-    /// GRO hands to the TUN must stay within an IP packet's 65535 bytes.
-    #[test]
-    fn coalesced_udp_stays_within_an_ip_packet() {
-        let mut bufs: Vec<Vec<u8>> = (0..64).map(|i| udp_packet(i, 1214)).collect();
-        let mut to_write = Vec::new();
-        tun_rs::handle_gro(
-            &mut bufs,
-            OFFSET,
-            &mut Default::default(),
-            &mut Default::default(),
-            true,
-            &mut to_write,
-        )
-        .expect("GRO pass");
-        assert!(to_write.len() >= 2, "64 × 1242 bytes cannot be one packet");
-        for &i in &to_write {
-            let packet = &bufs[i][OFFSET..];
-            let ip_len = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
-            assert!(
-                packet.len() <= 65535,
-                "coalesced packet of {} bytes",
-                packet.len()
-            );
-            assert_eq!(
-                ip_len,
-                packet.len(),
-                "IP length field of a coalesced packet"
-            );
-        }
-    }
 }

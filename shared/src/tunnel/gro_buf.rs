@@ -1,0 +1,272 @@
+//! The buffers decrypted packets are written to the TUN from, and the
+//! layout every TUN buffer shares.
+//!
+//! tun-rs's GRO coalesces a batch's packets of one flow into the buffer of
+//! the first, up to that buffer's capacity, and will not grow it. Giving
+//! every buffer 64 KiB up front made the receive pipeline's resident memory
+//! the whole batch's (64 × 64 KiB = 4 MiB) once each buffer had been some
+//! flow's head in turn. A [`GroBuf`] holds one packet and reports the
+//! coalescing bound as its capacity; when GRO first appends to it, it takes
+//! a 64 KiB head from a [`HeadPool`] and gives it back after the write. So
+//! memory follows the flows in one batch, not the batch size, and the heads
+//! are reused rather than allocated per write (musl's allocator maps and
+//! unmaps a 64 KiB block on every allocation and free).
+
+use std::sync::{Arc, Mutex};
+
+use tun_rs::ExpandBuffer;
+
+/// Room before each packet in a TUN buffer: the 10-byte virtio header the
+/// offload path writes in front, with spare for alignment.
+pub const OFFSET: usize = 16;
+
+/// One packet of the largest MTU we would run (2048; the tunnel's is
+/// 1420) behind its offset.
+pub const PACKET_BUF: usize = OFFSET + 2048;
+
+/// The most GRO may coalesce into one buffer, exactly: tun-rs stops at the
+/// capacity less twice the offset, and that is its only bound on UDP. One
+/// byte more and a coalesced packet passes 65535 bytes, its IP length
+/// wraps and the kernel cuts it into garbage.
+pub const COALESCE_CAP: usize = 65535 + 2 * OFFSET;
+
+/// Heads kept between writes: enough for a batch of 8 busy flows. A batch
+/// with more takes new ones, which are freed after it.
+const SPARE_HEADS: usize = 8;
+
+/// Coalescing heads between writes, shared by one pipeline's buffers.
+#[derive(Debug, Default)]
+pub struct HeadPool(Mutex<Vec<Vec<u8>>>);
+
+impl HeadPool {
+    fn take(&self) -> Vec<u8> {
+        self.lock()
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(COALESCE_CAP))
+    }
+
+    fn give_back(&self, mut head: Vec<u8>) {
+        let mut spare = self.lock();
+        if spare.len() < SPARE_HEADS {
+            head.clear();
+            spare.push(head);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A TUN write buffer: one packet, or a GRO head of up to [`COALESCE_CAP`].
+#[derive(Debug)]
+pub struct GroBuf {
+    packet: Vec<u8>,
+    /// Set while GRO coalesces into this buffer; holds the packet and what
+    /// was appended to it.
+    head: Option<Vec<u8>>,
+    pool: Arc<HeadPool>,
+}
+
+impl GroBuf {
+    pub fn new(pool: Arc<HeadPool>) -> Self {
+        Self {
+            packet: Vec::with_capacity(PACKET_BUF),
+            head: None,
+            pool,
+        }
+    }
+
+    /// The packet's bytes, for writing one packet behind [`OFFSET`]
+    /// between writes (when no head is held).
+    pub fn packet(&mut self) -> &mut Vec<u8> {
+        &mut self.packet
+    }
+
+    /// Gives the head back to the pool, and makes a packet buffer that an
+    /// outsized datagram grew one packet's size again. Called after each
+    /// write.
+    pub fn release(&mut self) {
+        if let Some(head) = self.head.take() {
+            self.pool.give_back(head);
+        }
+        if self.packet.capacity() > PACKET_BUF {
+            self.packet = Vec::with_capacity(PACKET_BUF);
+        }
+    }
+
+    fn active(&mut self) -> &mut Vec<u8> {
+        self.head.as_mut().unwrap_or(&mut self.packet)
+    }
+
+    /// The first append past one packet's room moves the packet into a head.
+    fn make_room(&mut self, len: usize) {
+        if self.head.is_none() && len > self.packet.capacity() {
+            let mut head = self.pool.take();
+            head.extend_from_slice(&self.packet);
+            self.head = Some(head);
+        }
+    }
+}
+
+impl AsRef<[u8]> for GroBuf {
+    fn as_ref(&self) -> &[u8] {
+        self.head.as_deref().unwrap_or(&self.packet)
+    }
+}
+
+impl AsMut<[u8]> for GroBuf {
+    fn as_mut(&mut self) -> &mut [u8] {
+        self.active()
+    }
+}
+
+impl ExpandBuffer for GroBuf {
+    /// The bound tun-rs coalesces up to, not the allocation.
+    fn buf_capacity(&self) -> usize {
+        COALESCE_CAP
+    }
+
+    fn buf_resize(&mut self, new_len: usize, value: u8) {
+        self.make_room(new_len);
+        self.active().resize(new_len, value);
+    }
+
+    fn buf_extend_from_slice(&mut self, src: &[u8]) {
+        let len = self.as_ref().len() + src.len();
+        self.make_room(len);
+        self.active().extend_from_slice(src);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
+mod tests {
+    use super::*;
+
+    /// Internet checksum (RFC 1071) of `data`, continuing from `sum`.
+    fn csum(data: &[u8], mut sum: u32) -> u16 {
+        for pair in data.chunks(2) {
+            let hi = u32::from(pair[0]) << 8;
+            sum += hi | pair.get(1).map_or(0, |&b| u32::from(b));
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+
+    /// An IPv4 UDP packet 10.77.0.1:51820 → 10.77.0.2:7002 behind `OFFSET`
+    /// bytes of room, as the receive pipeline hands them to the TUN.
+    fn udp_packet(id: u16, payload_len: usize) -> GroBuf {
+        let (src, dst) = ([10, 77, 0, 1], [10, 77, 0, 2]);
+        let total = 20 + 8 + payload_len;
+        let mut p = Vec::with_capacity(PACKET_BUF);
+        p.resize(OFFSET, 0);
+        p.extend_from_slice(&[0x45, 0, 0, 0, 0, 0, 0, 0, 64, 17, 0, 0]);
+        p[OFFSET + 2..OFFSET + 4].copy_from_slice(&(total as u16).to_be_bytes());
+        p[OFFSET + 4..OFFSET + 6].copy_from_slice(&id.to_be_bytes());
+        p.extend_from_slice(&src);
+        p.extend_from_slice(&dst);
+        let ip_sum = csum(&p[OFFSET..OFFSET + 20], 0);
+        p[OFFSET + 10..OFFSET + 12].copy_from_slice(&ip_sum.to_be_bytes());
+        let udp_len = (8 + payload_len) as u16;
+        p.extend_from_slice(&51820u16.to_be_bytes());
+        p.extend_from_slice(&7002u16.to_be_bytes());
+        p.extend_from_slice(&udp_len.to_be_bytes());
+        p.extend_from_slice(&[0, 0]);
+        p.extend((0..payload_len).map(|i| (i as u8) ^ (id as u8)));
+        let pseudo: u32 = [src, dst]
+            .iter()
+            .map(|a| {
+                u32::from(u16::from_be_bytes([a[0], a[1]]))
+                    + u32::from(u16::from_be_bytes([a[2], a[3]]))
+            })
+            .sum::<u32>()
+            + 17
+            + u32::from(udp_len);
+        let udp_sum = csum(&p[OFFSET + 20..], pseudo);
+        p[OFFSET + 26..OFFSET + 28].copy_from_slice(&udp_sum.to_be_bytes());
+        GroBuf {
+            packet: p,
+            head: None,
+            pool: Arc::new(HeadPool::default()),
+        }
+    }
+
+    fn gro_pass(bufs: &mut [GroBuf]) -> Vec<usize> {
+        let mut to_write = Vec::new();
+        tun_rs::handle_gro(
+            bufs,
+            OFFSET,
+            &mut Default::default(),
+            &mut Default::default(),
+            true,
+            &mut to_write,
+        )
+        .expect("GRO pass");
+        to_write
+    }
+
+    /// 64 equal UDP packets of one flow: more than 64 KiB together. What
+    /// GRO hands to the TUN must stay within an IP packet's 65535 bytes.
+    #[test]
+    fn coalesced_udp_stays_within_an_ip_packet() {
+        let mut bufs: Vec<GroBuf> = (0..64).map(|i| udp_packet(i, 1214)).collect();
+        let to_write = gro_pass(&mut bufs);
+        assert!(to_write.len() >= 2, "64 × 1242 bytes cannot be one packet");
+        for &i in &to_write {
+            let packet = &bufs[i].as_ref()[OFFSET..];
+            let ip_len = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
+            assert!(
+                packet.len() <= 65535,
+                "coalesced packet of {} bytes",
+                packet.len()
+            );
+            assert_eq!(
+                ip_len,
+                packet.len(),
+                "IP length field of a coalesced packet"
+            );
+        }
+    }
+
+    /// Only the buffers GRO coalesced into hold a head, only until the
+    /// write, and the next batch's heads are the same allocations.
+    #[test]
+    fn heads_are_taken_only_for_coalescing_and_reused() {
+        let pool = Arc::new(HeadPool::default());
+        let batch = |pool: &Arc<HeadPool>| -> Vec<GroBuf> {
+            (0..8)
+                .map(|i| {
+                    let mut b = udp_packet(i, 1214);
+                    b.pool = pool.clone();
+                    b
+                })
+                .collect()
+        };
+        let mut bufs = batch(&pool);
+        let to_write = gro_pass(&mut bufs);
+        assert_eq!(to_write, vec![0], "8 packets of one flow, one head");
+        assert_eq!(bufs[0].as_ref().len(), OFFSET + 20 + 8 + 8 * 1214);
+        let head = bufs[0].head.as_ref().map(Vec::as_ptr).expect("a head");
+        assert!(
+            bufs[1..].iter().all(|b| b.head.is_none()),
+            "a merged packet took a head"
+        );
+        for b in &mut bufs {
+            b.release();
+            assert!(b.head.is_none() && b.packet.capacity() <= PACKET_BUF);
+        }
+        assert_eq!(pool.lock().len(), 1);
+
+        let mut bufs = batch(&pool);
+        gro_pass(&mut bufs);
+        assert_eq!(
+            bufs[0].head.as_ref().map(Vec::as_ptr),
+            Some(head),
+            "head not reused"
+        );
+        assert!(pool.lock().is_empty());
+    }
+}
