@@ -294,6 +294,7 @@ def measure(h: Harness, setup: S.Setup, cfg: Config) -> dict:
         for role in ("edge", "home"):
             if sampler.has(role):
                 res[f"{role}_rss_mib"] = sampler.peak_kb[role] / 1024
+                res[f"{role}_anon_mib"] = sampler.peak_anon_kb[role] / 1024
         logs = [p.log_path for p in setup.procs]
         try:
             setup.stop(h)

@@ -133,10 +133,12 @@ class ProcTree:
                     frontier.append(k)
         return pids
 
-    def sample(self) -> tuple[int, int, int]:
-        """(cpu ticks incl. reaped children of roots, sum VmRSS kB, sum VmHWM kB of roots)."""
+    def sample(self) -> tuple[int, int, int, int]:
+        """(cpu ticks incl. reaped children of roots, sum VmRSS kB, sum VmHWM kB of roots,
+        sum RssAnon kB: the part of RSS that is the process's own memory, not mapped files)."""
         ticks = 0
         rss = 0
+        anon = 0
         for pid in self.descendants():
             st = self._stat(pid)
             if st is None:
@@ -145,8 +147,9 @@ class ProcTree:
             if pid in self.roots:
                 ticks += st[2]
             rss += self._status_kb(pid, "VmRSS")
+            anon += self._status_kb(pid, "RssAnon")
         hwm = sum(self._status_kb(p, "VmHWM") for p in self.roots)
-        return ticks, rss, hwm
+        return ticks, rss, hwm, anon
 
 
 class Sampler:
@@ -157,6 +160,7 @@ class Sampler:
     def __init__(self) -> None:
         self.trees = {"edge": ProcTree(), "home": ProcTree()}
         self.peak_kb = {"edge": 0, "home": 0}
+        self.peak_anon_kb = {"edge": 0, "home": 0}
         self.last_ticks = {"edge": 0, "home": 0}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -172,10 +176,11 @@ class Sampler:
             for role, tree in self.trees.items():
                 if not tree.roots:
                     continue
-                ticks, rss, hwm = tree.sample()
+                ticks, rss, hwm, anon = tree.sample()
                 # Ticks only grow; a root that exited takes its count with it.
                 self.last_ticks[role] = max(self.last_ticks[role], ticks)
                 self.peak_kb[role] = max(self.peak_kb[role], rss, hwm)
+                self.peak_anon_kb[role] = max(self.peak_anon_kb[role], anon)
                 out[role] = (self.last_ticks[role], self.peak_kb[role])
         return out
 
