@@ -17,7 +17,7 @@ use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use quinn_udp::UdpSocketState;
 
-use super::gro_buf::{GroBuf, HeadPool, OFFSET, PACKET_BUF};
+use super::tun_buf::{GroBuf, HeadPool, OFFSET, PACKET_BUF};
 use crate::udp_batch::{self, GSO_MAX_BYTES, RecvBatch};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
@@ -522,7 +522,7 @@ async fn receive_pipeline(ctx: Arc<Context>, shutdown: CancellationToken) {
                             sh,
                             datagram,
                             from,
-                            buf.packet(),
+                            buf.packet_mut(),
                             &mut scratch,
                             &mut replies,
                         ) {

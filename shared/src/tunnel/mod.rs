@@ -5,7 +5,7 @@
 //! | [`addrs`] | the private addresses of the two tunnel ends |
 //! | [`device`] | creating and configuring the TUN device (rtnetlink) |
 //! | [`driver`] | the task that moves packets between TUN, `Tunn` and UDP |
-//! | [`gro_buf`] | TUN buffers' layout; write buffers sized by what GRO coalesces |
+//! | [`tun_buf`] | TUN buffers' layout; write buffers sized by what GRO coalesces |
 //! | [`keys`] | WireGuard keys, kept in a type that never prints |
 //!
 //! The tunnel carries IPv4 between two addresses only; public clients of
@@ -14,8 +14,8 @@
 pub mod addrs;
 pub mod device;
 pub mod driver;
-pub mod gro_buf;
 pub mod keys;
+pub(crate) mod tun_buf;
 
 pub use addrs::TunnelAddrs;
 pub use driver::{Endpoint, TunnelHandle, TunnelSpec, TunnelStats};

@@ -1,13 +1,14 @@
-//! The buffers decrypted packets are written to the TUN from, and the
-//! layout every TUN buffer shares.
+//! The layout every TUN buffer shares, and the buffers decrypted packets
+//! are written to the TUN from.
 //!
 //! tun-rs's GRO coalesces a batch's packets of one flow into the buffer of
 //! the first, up to that buffer's capacity, and will not grow it. Giving
 //! every buffer 64 KiB up front made the receive pipeline's resident memory
 //! the whole batch's (64 × 64 KiB = 4 MiB) once each buffer had been some
 //! flow's head in turn. A [`GroBuf`] holds one packet and reports the
-//! coalescing bound as its capacity; when GRO first appends to it, it takes
-//! a 64 KiB head from a [`HeadPool`] and gives it back after the write. So
+//! coalescing bound as its capacity; when GRO first appends past one
+//! packet's room, it takes a 64 KiB head from a [`HeadPool`], and gives it
+//! back after the write. So
 //! memory follows the flows in one batch, not the batch size, and the heads
 //! are reused rather than allocated per write (musl's allocator maps and
 //! unmaps a 64 KiB block on every allocation and free).
@@ -24,14 +25,17 @@ pub const OFFSET: usize = 16;
 /// 1420) behind its offset.
 pub const PACKET_BUF: usize = OFFSET + 2048;
 
-/// The most GRO may coalesce into one buffer, exactly: tun-rs stops at the
-/// capacity less twice the offset, and that is its only bound on UDP. One
-/// byte more and a coalesced packet passes 65535 bytes, its IP length
-/// wraps and the kernel cuts it into garbage.
+/// The capacity a [`GroBuf`] reports to tun-rs, which coalesces while
+/// twice the offset plus the coalesced packet fit in it: so a coalesced IP
+/// packet reaches 65535 bytes and no more. That is tun-rs's only bound on
+/// UDP; one byte more and the IP length wraps and the kernel cuts the
+/// packet into garbage.
 pub const COALESCE_CAP: usize = 65535 + 2 * OFFSET;
 
-/// Heads kept between writes: enough for a batch of 8 busy flows. A batch
-/// with more takes new ones, which are freed after it.
+/// Heads kept between writes (512 KiB, resident once used): enough for a
+/// batch of 8 busy flows. A batch with more takes new ones, freed after it;
+/// so does one whose TCP segments arrive in reverse order, where each
+/// prepend moves the flow to a new head.
 const SPARE_HEADS: usize = 8;
 
 /// Coalescing heads between writes, shared by one pipeline's buffers.
@@ -40,9 +44,8 @@ pub struct HeadPool(Mutex<Vec<Vec<u8>>>);
 
 impl HeadPool {
     fn take(&self) -> Vec<u8> {
-        self.lock()
-            .pop()
-            .unwrap_or_else(|| Vec::with_capacity(COALESCE_CAP))
+        let spare = self.lock().pop();
+        spare.unwrap_or_else(|| Vec::with_capacity(COALESCE_CAP))
     }
 
     fn give_back(&self, mut head: Vec<u8>) {
@@ -69,6 +72,7 @@ pub struct GroBuf {
 }
 
 impl GroBuf {
+    /// An empty buffer whose heads come from `pool`.
     pub fn new(pool: Arc<HeadPool>) -> Self {
         Self {
             packet: Vec::with_capacity(PACKET_BUF),
@@ -77,14 +81,15 @@ impl GroBuf {
         }
     }
 
-    /// The packet's bytes, for writing one packet behind [`OFFSET`]
-    /// between writes (when no head is held).
-    pub fn packet(&mut self) -> &mut Vec<u8> {
+    /// The packet's bytes, for writing one packet behind [`OFFSET`]. Only
+    /// between a [`release`](Self::release) and the next GRO pass.
+    pub fn packet_mut(&mut self) -> &mut Vec<u8> {
+        debug_assert!(self.head.is_none(), "packet written while a head is held");
         &mut self.packet
     }
 
-    /// Gives the head back to the pool, and makes a packet buffer that an
-    /// outsized datagram grew one packet's size again. Called after each
+    /// Gives the head back to the pool, and shrinks a packet buffer that an
+    /// outsized datagram grew back to one packet's size. Called after each
     /// write.
     pub fn release(&mut self) {
         if let Some(head) = self.head.take() {
@@ -122,7 +127,10 @@ impl AsMut<[u8]> for GroBuf {
 }
 
 impl ExpandBuffer for GroBuf {
-    /// The bound tun-rs coalesces up to, not the allocation.
+    /// The bound tun-rs coalesces up to, not the allocation: tun-rs 2.8
+    /// reads it only in its "room to coalesce?" checks (UDP append, TCP
+    /// append and prepend), and grows the buffer through the two methods
+    /// below.
     fn buf_capacity(&self) -> usize {
         COALESCE_CAP
     }
@@ -268,5 +276,82 @@ mod tests {
             "head not reused"
         );
         assert!(pool.lock().is_empty());
+    }
+
+    /// An IPv4 TCP segment 10.77.0.1:5000 → 10.77.0.2:80 (ACK only) with
+    /// `payload_len` bytes from sequence number `seq`.
+    fn tcp_segment(seq: u32, payload_len: usize, pool: &Arc<HeadPool>) -> GroBuf {
+        let (src, dst) = ([10, 77, 0, 1], [10, 77, 0, 2]);
+        let total = 20 + 20 + payload_len;
+        let mut p = Vec::with_capacity(PACKET_BUF);
+        p.resize(OFFSET, 0);
+        p.extend_from_slice(&[0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 6, 0, 0]);
+        p[OFFSET + 2..OFFSET + 4].copy_from_slice(&(total as u16).to_be_bytes());
+        p.extend_from_slice(&src);
+        p.extend_from_slice(&dst);
+        let ip_sum = csum(&p[OFFSET..OFFSET + 20], 0);
+        p[OFFSET + 10..OFFSET + 12].copy_from_slice(&ip_sum.to_be_bytes());
+        p.extend_from_slice(&5000u16.to_be_bytes());
+        p.extend_from_slice(&80u16.to_be_bytes());
+        p.extend_from_slice(&seq.to_be_bytes());
+        p.extend_from_slice(&1u32.to_be_bytes());
+        p.extend_from_slice(&[0x50, 0x10, 0xff, 0xff, 0, 0, 0, 0]);
+        p.extend((0..payload_len).map(|i| (seq as usize + i) as u8));
+        let pseudo: u32 = [src, dst]
+            .iter()
+            .map(|a| {
+                u32::from(u16::from_be_bytes([a[0], a[1]]))
+                    + u32::from(u16::from_be_bytes([a[2], a[3]]))
+            })
+            .sum::<u32>()
+            + 6
+            + (20 + payload_len) as u32;
+        let tcp_sum = csum(&p[OFFSET + 20..], pseudo);
+        p[OFFSET + 36..OFFSET + 38].copy_from_slice(&tcp_sum.to_be_bytes());
+        GroBuf {
+            packet: p,
+            head: None,
+            pool: pool.clone(),
+        }
+    }
+
+    /// A segment that arrives before the one it precedes: tun-rs grows the
+    /// later-arriving buffer, copies the first segment behind it and swaps
+    /// the two. The result is one segment in order, in a head.
+    #[test]
+    fn a_tcp_segment_prepended_lands_whole_in_a_head() {
+        let pool = Arc::new(HeadPool::default());
+        let mut bufs = vec![
+            tcp_segment(2380, 1380, &pool),
+            tcp_segment(1000, 1380, &pool),
+        ];
+        let to_write = gro_pass(&mut bufs);
+        assert_eq!(to_write, vec![0]);
+        assert!(
+            bufs[0].head.is_some(),
+            "the coalesced segment is not in a head"
+        );
+        let packet = &bufs[0].as_ref()[OFFSET..];
+        assert_eq!(
+            usize::from(u16::from_be_bytes([packet[2], packet[3]])),
+            2800
+        );
+        assert_eq!(packet.len(), 2800);
+        assert_eq!(
+            u32::from_be_bytes([packet[24], packet[25], packet[26], packet[27]]),
+            1000
+        );
+        let payload = &packet[40..];
+        assert!(
+            payload
+                .iter()
+                .enumerate()
+                .all(|(i, &b)| b == (1000 + i) as u8),
+            "payload out of order"
+        );
+        for b in &mut bufs {
+            b.release();
+        }
+        assert_eq!(pool.lock().len(), 1, "a head was not given back");
     }
 }
