@@ -105,15 +105,18 @@ class ProcTree:
         return int(rest[1]), int(rest[11]) + int(rest[12]), int(rest[13]) + int(rest[14])
 
     @staticmethod
-    def _status_kb(pid: int, key: str) -> int:
+    def _status_kb(pid: int, *keys: str) -> list[int]:
+        """The kB values of `keys` in /proc/PID/status (0 for one absent or a process gone), read once."""
+        found = dict.fromkeys(keys, 0)
         try:
             with open(f"/proc/{pid}/status") as f:
                 for line in f:
-                    if line.startswith(key + ":"):
-                        return int(line.split()[1])
+                    key = line.split(":", 1)[0]
+                    if key in found:
+                        found[key] = int(line.split()[1])
         except OSError:
             pass
-        return 0
+        return [found[k] for k in keys]
 
     def descendants(self) -> set[int]:
         pids = set(self.roots)
@@ -135,10 +138,9 @@ class ProcTree:
 
     def sample(self) -> tuple[int, int, int, int]:
         """(cpu ticks incl. reaped children of roots, sum VmRSS kB, sum VmHWM kB of roots,
-        sum RssAnon kB: the part of RSS that is the process's own memory, not mapped files)."""
+        sum RssAnon kB: heap, stacks and buffers, as opposed to mapped files)."""
         ticks = 0
-        rss = 0
-        anon = 0
+        rss = anon = hwm = 0
         for pid in self.descendants():
             st = self._stat(pid)
             if st is None:
@@ -146,9 +148,11 @@ class ProcTree:
             ticks += st[1]
             if pid in self.roots:
                 ticks += st[2]
-            rss += self._status_kb(pid, "VmRSS")
-            anon += self._status_kb(pid, "RssAnon")
-        hwm = sum(self._status_kb(p, "VmHWM") for p in self.roots)
+            vm_rss, rss_anon, vm_hwm = self._status_kb(pid, "VmRSS", "RssAnon", "VmHWM")
+            rss += vm_rss
+            anon += rss_anon
+            if pid in self.roots:
+                hwm += vm_hwm
         return ticks, rss, hwm, anon
 
 

@@ -21,8 +21,8 @@ METRICS = [
     ("conn_per_s", "New connections per second", "conn/s", True, "{:.0f}"),
     ("edge_rss_mib", "Edge peak RSS", "MiB", False, "{:.1f}"),
     ("home_rss_mib", "Home peak RSS", "MiB", False, "{:.1f}"),
-    ("edge_anon_mib", "Edge peak RSS, anonymous part", "MiB", False, "{:.1f}"),
-    ("home_anon_mib", "Home peak RSS, anonymous part", "MiB", False, "{:.1f}"),
+    ("edge_anon_mib", "Edge peak anonymous RSS (sampled)", "MiB", False, "{:.1f}"),
+    ("home_anon_mib", "Home peak anonymous RSS (sampled)", "MiB", False, "{:.1f}"),
     ("edge_cpu_tcp8_up", "Edge CPU during TCP 8 streams up", "cores", False, "{:.2f}"),
     ("home_cpu_tcp8_up", "Home CPU during TCP 8 streams up", "cores", False, "{:.2f}"),
     ("cpu_per_gbps", "Edge+home CPU per Gbit/s (TCP 1 stream up)", "cores", False, "{:.2f}"),
@@ -244,8 +244,8 @@ def write(data: dict, out: Path) -> None:
     L.append(f"- connections: {cfg['conn_count']} short-lived connections (connect, one 64 B request and its echo, close) "
              f"from {cfg['conn_concurrency']} client threads")
     L.append("- RSS: peak over the setup's whole run (sum of VmRSS of the role's process tree sampled every 100 ms, "
-             "and VmHWM of its main processes); its anonymous part (RssAnon: heap, stacks, buffers) is what the process "
-             "allocated, the rest is mapped files (the binary and shared libraries, kept in the page cache); CPU: utime+stime (and reaped children) of the role's processes during that test")
+             "and VmHWM of its main processes); peak anonymous RSS: the highest sampled sum of RssAnon (heap, stacks and buffers, "
+             "as opposed to the mapped binary and shared libraries), a peak of its own, not a part of the RSS figure; CPU: utime+stime (and reaped children) of the role's processes during that test")
     L.append("")
     L.append("## Versions\n")
     L.append(f"- {env['rustc']}; {env['iperf3']}; Python {env['python']}")
