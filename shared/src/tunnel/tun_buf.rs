@@ -164,26 +164,11 @@ mod tests {
         !(sum as u16)
     }
 
-    /// An IPv4 UDP packet 10.77.0.1:51820 → 10.77.0.2:7002 behind `OFFSET`
-    /// bytes of room, as the receive pipeline hands them to the TUN.
-    fn udp_packet(id: u16, payload_len: usize) -> GroBuf {
+    /// An IPv4 packet 10.77.0.1 → 10.77.0.2 carrying `transport` (its
+    /// checksum field, at `sum_at`, zero), behind `OFFSET` bytes of room as
+    /// the receive pipeline hands packets to the TUN; both checksums set.
+    fn ipv4_packet(protocol: u8, id: u16, mut transport: Vec<u8>, sum_at: usize) -> GroBuf {
         let (src, dst) = ([10, 77, 0, 1], [10, 77, 0, 2]);
-        let total = 20 + 8 + payload_len;
-        let mut p = Vec::with_capacity(PACKET_BUF);
-        p.resize(OFFSET, 0);
-        p.extend_from_slice(&[0x45, 0, 0, 0, 0, 0, 0, 0, 64, 17, 0, 0]);
-        p[OFFSET + 2..OFFSET + 4].copy_from_slice(&(total as u16).to_be_bytes());
-        p[OFFSET + 4..OFFSET + 6].copy_from_slice(&id.to_be_bytes());
-        p.extend_from_slice(&src);
-        p.extend_from_slice(&dst);
-        let ip_sum = csum(&p[OFFSET..OFFSET + 20], 0);
-        p[OFFSET + 10..OFFSET + 12].copy_from_slice(&ip_sum.to_be_bytes());
-        let udp_len = (8 + payload_len) as u16;
-        p.extend_from_slice(&51820u16.to_be_bytes());
-        p.extend_from_slice(&7002u16.to_be_bytes());
-        p.extend_from_slice(&udp_len.to_be_bytes());
-        p.extend_from_slice(&[0, 0]);
-        p.extend((0..payload_len).map(|i| (i as u8) ^ (id as u8)));
         let pseudo: u32 = [src, dst]
             .iter()
             .map(|a| {
@@ -191,15 +176,36 @@ mod tests {
                     + u32::from(u16::from_be_bytes([a[2], a[3]]))
             })
             .sum::<u32>()
-            + 17
-            + u32::from(udp_len);
-        let udp_sum = csum(&p[OFFSET + 20..], pseudo);
-        p[OFFSET + 26..OFFSET + 28].copy_from_slice(&udp_sum.to_be_bytes());
+            + u32::from(protocol)
+            + transport.len() as u32;
+        let sum = csum(&transport, pseudo);
+        transport[sum_at..sum_at + 2].copy_from_slice(&sum.to_be_bytes());
+        let mut p = Vec::with_capacity(PACKET_BUF);
+        p.resize(OFFSET, 0);
+        p.extend_from_slice(&[0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, protocol, 0, 0]);
+        p[OFFSET + 2..OFFSET + 4].copy_from_slice(&((20 + transport.len()) as u16).to_be_bytes());
+        p[OFFSET + 4..OFFSET + 6].copy_from_slice(&id.to_be_bytes());
+        p.extend_from_slice(&src);
+        p.extend_from_slice(&dst);
+        let ip_sum = csum(&p[OFFSET..OFFSET + 20], 0);
+        p[OFFSET + 10..OFFSET + 12].copy_from_slice(&ip_sum.to_be_bytes());
+        p.extend_from_slice(&transport);
         GroBuf {
             packet: p,
             head: None,
             pool: Arc::new(HeadPool::default()),
         }
+    }
+
+    /// A UDP datagram 51820 → 7002 with a payload of `payload_len` bytes.
+    fn udp_packet(id: u16, payload_len: usize) -> GroBuf {
+        let mut udp = Vec::new();
+        udp.extend_from_slice(&51820u16.to_be_bytes());
+        udp.extend_from_slice(&7002u16.to_be_bytes());
+        udp.extend_from_slice(&((8 + payload_len) as u16).to_be_bytes());
+        udp.extend_from_slice(&[0, 0]);
+        udp.extend((0..payload_len).map(|i| (i as u8) ^ (id as u8)));
+        ipv4_packet(17, id, udp, 6)
     }
 
     fn gro_pass(bufs: &mut [GroBuf]) -> Vec<usize> {
@@ -278,41 +284,19 @@ mod tests {
         assert!(pool.lock().is_empty());
     }
 
-    /// An IPv4 TCP segment 10.77.0.1:5000 → 10.77.0.2:80 (ACK only) with
-    /// `payload_len` bytes from sequence number `seq`.
+    /// A TCP segment 5000 → 80 (ACK only) with `payload_len` bytes from
+    /// sequence number `seq`.
     fn tcp_segment(seq: u32, payload_len: usize, pool: &Arc<HeadPool>) -> GroBuf {
-        let (src, dst) = ([10, 77, 0, 1], [10, 77, 0, 2]);
-        let total = 20 + 20 + payload_len;
-        let mut p = Vec::with_capacity(PACKET_BUF);
-        p.resize(OFFSET, 0);
-        p.extend_from_slice(&[0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 6, 0, 0]);
-        p[OFFSET + 2..OFFSET + 4].copy_from_slice(&(total as u16).to_be_bytes());
-        p.extend_from_slice(&src);
-        p.extend_from_slice(&dst);
-        let ip_sum = csum(&p[OFFSET..OFFSET + 20], 0);
-        p[OFFSET + 10..OFFSET + 12].copy_from_slice(&ip_sum.to_be_bytes());
-        p.extend_from_slice(&5000u16.to_be_bytes());
-        p.extend_from_slice(&80u16.to_be_bytes());
-        p.extend_from_slice(&seq.to_be_bytes());
-        p.extend_from_slice(&1u32.to_be_bytes());
-        p.extend_from_slice(&[0x50, 0x10, 0xff, 0xff, 0, 0, 0, 0]);
-        p.extend((0..payload_len).map(|i| (seq as usize + i) as u8));
-        let pseudo: u32 = [src, dst]
-            .iter()
-            .map(|a| {
-                u32::from(u16::from_be_bytes([a[0], a[1]]))
-                    + u32::from(u16::from_be_bytes([a[2], a[3]]))
-            })
-            .sum::<u32>()
-            + 6
-            + (20 + payload_len) as u32;
-        let tcp_sum = csum(&p[OFFSET + 20..], pseudo);
-        p[OFFSET + 36..OFFSET + 38].copy_from_slice(&tcp_sum.to_be_bytes());
-        GroBuf {
-            packet: p,
-            head: None,
-            pool: pool.clone(),
-        }
+        let mut tcp = Vec::new();
+        tcp.extend_from_slice(&5000u16.to_be_bytes());
+        tcp.extend_from_slice(&80u16.to_be_bytes());
+        tcp.extend_from_slice(&seq.to_be_bytes());
+        tcp.extend_from_slice(&1u32.to_be_bytes());
+        tcp.extend_from_slice(&[0x50, 0x10, 0xff, 0xff, 0, 0, 0, 0]);
+        tcp.extend((0..payload_len).map(|i| (seq as usize + i) as u8));
+        let mut b = ipv4_packet(6, 0, tcp, 16);
+        b.pool = pool.clone();
+        b
     }
 
     /// A segment that arrives before the one it precedes: tun-rs grows the
