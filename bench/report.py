@@ -244,8 +244,9 @@ def write(data: dict, out: Path) -> None:
     L.append(f"- connections: {cfg['conn_count']} short-lived connections (connect, one 64 B request and its echo, close) "
              f"from {cfg['conn_concurrency']} client threads")
     L.append("- RSS: peak over the setup's whole run (sum of VmRSS of the role's process tree sampled every 100 ms, "
-             "and VmHWM of its main processes); peak anonymous RSS: the highest sampled sum of RssAnon (heap, stacks and buffers, "
-             "as opposed to the mapped binary and shared libraries), a peak of its own, not a part of the RSS figure; CPU: utime+stime (and reaped children) of the role's processes during that test")
+             "and VmHWM of its main processes); peak anonymous RSS: the highest sampled sum of RssAnon "
+             "(heap, stacks and buffers, as opposed to the mapped binary and shared libraries), a peak of its own, "
+             "not a part of the RSS figure; CPU: utime+stime (and reaped children) of the role's processes during that test")
     L.append("")
     L.append("## Versions\n")
     L.append(f"- {env['rustc']}; {env['iperf3']}; Python {env['python']}")

@@ -127,11 +127,6 @@ pub struct TunnelStopped;
 
 /// Packets gathered from the TUN per batch.
 const BATCH: usize = 128;
-/// Each gathered packet's buffer: an offloaded super-packet arrives whole in
-/// its own buffer and is cut into MTU-sized packets, so these need room for
-/// one packet, not 64 KiB: 256 KiB for the batch instead of 8 MiB, and
-/// fewer pages touched.
-const SEGMENT_BUF: usize = PACKET_BUF;
 /// Packets one offloaded super-packet may be cut into: about 48 for TCP
 /// (64 KiB in 1380-byte segments), at most 64 for UDP (the GSO limit).
 /// A read needs room for this many, or tun-rs refuses the packet.
@@ -335,7 +330,10 @@ const DATAGRAM_SLOT: usize = 1500;
 /// equal-sized datagrams instead of one each.
 async fn send_pipeline(ctx: Arc<Context>, shutdown: CancellationToken) {
     let mut original = vec![0u8; OFFSET + 65535 + 64];
-    let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; SEGMENT_BUF]).collect();
+    // An offloaded super-packet arrives whole in `original` and is cut into
+    // MTU-sized packets, so each gathered packet's buffer needs room for one
+    // packet, not 64 KiB: 256 KiB for the batch instead of 8 MiB.
+    let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; PACKET_BUF]).collect();
     let mut sizes = vec![0usize; BATCH];
     let mut out = vec![0u8; BATCH * DATAGRAM_SLOT];
     let mut lens: Vec<usize> = Vec::with_capacity(BATCH);

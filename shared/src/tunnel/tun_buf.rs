@@ -8,10 +8,10 @@
 //! flow's head in turn. A [`GroBuf`] holds one packet and reports the
 //! coalescing bound as its capacity; when GRO first appends past one
 //! packet's room, it takes a 64 KiB head from a [`HeadPool`], and gives it
-//! back after the write. So
-//! memory follows the flows in one batch, not the batch size, and the heads
-//! are reused rather than allocated per write (musl's allocator maps and
-//! unmaps a 64 KiB block on every allocation and free).
+//! back after the write. So memory follows the flows in one batch, not the
+//! batch size, and the heads are reused rather than allocated per write
+//! (musl's allocator maps and unmaps a 64 KiB block on every allocation
+//! and free).
 
 use std::sync::{Arc, Mutex};
 
@@ -38,7 +38,9 @@ pub const COALESCE_CAP: usize = 65535 + 2 * OFFSET;
 /// prepend moves the flow to a new head.
 const SPARE_HEADS: usize = 8;
 
-/// Coalescing heads between writes, shared by one pipeline's buffers.
+/// Coalescing heads between writes, shared by one pipeline's buffers. A
+/// lock, never contended, because tun-rs hands each buffer only `&mut`
+/// itself and the pipeline's task must stay `Send`.
 #[derive(Debug, Default)]
 pub struct HeadPool(Mutex<Vec<Vec<u8>>>);
 
@@ -167,7 +169,13 @@ mod tests {
     /// An IPv4 packet 10.77.0.1 → 10.77.0.2 carrying `transport` (its
     /// checksum field, at `sum_at`, zero), behind `OFFSET` bytes of room as
     /// the receive pipeline hands packets to the TUN; both checksums set.
-    fn ipv4_packet(protocol: u8, id: u16, mut transport: Vec<u8>, sum_at: usize) -> GroBuf {
+    fn ipv4_packet(
+        protocol: u8,
+        id: u16,
+        mut transport: Vec<u8>,
+        sum_at: usize,
+        pool: &Arc<HeadPool>,
+    ) -> GroBuf {
         let (src, dst) = ([10, 77, 0, 1], [10, 77, 0, 2]);
         let pseudo: u32 = [src, dst]
             .iter()
@@ -193,19 +201,19 @@ mod tests {
         GroBuf {
             packet: p,
             head: None,
-            pool: Arc::new(HeadPool::default()),
+            pool: pool.clone(),
         }
     }
 
     /// A UDP datagram 51820 → 7002 with a payload of `payload_len` bytes.
-    fn udp_packet(id: u16, payload_len: usize) -> GroBuf {
+    fn udp_packet(id: u16, payload_len: usize, pool: &Arc<HeadPool>) -> GroBuf {
         let mut udp = Vec::new();
         udp.extend_from_slice(&51820u16.to_be_bytes());
         udp.extend_from_slice(&7002u16.to_be_bytes());
         udp.extend_from_slice(&((8 + payload_len) as u16).to_be_bytes());
         udp.extend_from_slice(&[0, 0]);
         udp.extend((0..payload_len).map(|i| (i as u8) ^ (id as u8)));
-        ipv4_packet(17, id, udp, 6)
+        ipv4_packet(17, id, udp, 6, pool)
     }
 
     fn gro_pass(bufs: &mut [GroBuf]) -> Vec<usize> {
@@ -226,7 +234,8 @@ mod tests {
     /// GRO hands to the TUN must stay within an IP packet's 65535 bytes.
     #[test]
     fn coalesced_udp_stays_within_an_ip_packet() {
-        let mut bufs: Vec<GroBuf> = (0..64).map(|i| udp_packet(i, 1214)).collect();
+        let pool = Arc::new(HeadPool::default());
+        let mut bufs: Vec<GroBuf> = (0..64).map(|i| udp_packet(i, 1214, &pool)).collect();
         let to_write = gro_pass(&mut bufs);
         assert!(to_write.len() >= 2, "64 × 1242 bytes cannot be one packet");
         for &i in &to_write {
@@ -251,13 +260,7 @@ mod tests {
     fn heads_are_taken_only_for_coalescing_and_reused() {
         let pool = Arc::new(HeadPool::default());
         let batch = |pool: &Arc<HeadPool>| -> Vec<GroBuf> {
-            (0..8)
-                .map(|i| {
-                    let mut b = udp_packet(i, 1214);
-                    b.pool = pool.clone();
-                    b
-                })
-                .collect()
+            (0..8).map(|i| udp_packet(i, 1214, pool)).collect()
         };
         let mut bufs = batch(&pool);
         let to_write = gro_pass(&mut bufs);
@@ -294,9 +297,7 @@ mod tests {
         tcp.extend_from_slice(&1u32.to_be_bytes());
         tcp.extend_from_slice(&[0x50, 0x10, 0xff, 0xff, 0, 0, 0, 0]);
         tcp.extend((0..payload_len).map(|i| (seq as usize + i) as u8));
-        let mut b = ipv4_packet(6, 0, tcp, 16);
-        b.pool = pool.clone();
-        b
+        ipv4_packet(6, 0, tcp, 16, pool)
     }
 
     /// A segment that arrives before the one it precedes: tun-rs grows the
