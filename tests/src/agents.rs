@@ -218,6 +218,34 @@ impl Pair {
         });
     }
 
+    /// Blocks until the edge holds its pooled flows to home (they open in
+    /// the background once the session is up).
+    pub fn wait_for_pooled_flows(&self) {
+        let home_flows = format!(
+            "dst {}:{}",
+            TunnelAddrs::DEFAULT.home(),
+            skerry::flow::TCP_FLOW_PORT
+        );
+        crate::poll_until(Duration::from_secs(30), || {
+            let out = self
+                .topo
+                .edge
+                .exec(
+                    "sh",
+                    &["-c", &format!("ss -Htn state established {home_flows}")],
+                )
+                .expect("ss in the edge namespace");
+            let open = String::from_utf8_lossy(&out.stdout).lines().count();
+            if open >= edge_agent::flow_pool::POOL_SIZE {
+                Ok(())
+            } else {
+                Err(format!(
+                    "the edge did not open its pooled flows to home: {open} open"
+                ))
+            }
+        });
+    }
+
     /// One request through the admin socket, as the CLI sends it.
     pub fn admin(&self, req: admin::Request) -> admin::Response {
         let path = self.admin_socket.clone();

@@ -412,7 +412,7 @@ fn a_new_connection_needs_no_round_trip_to_home() {
             });
         }
     });
-    wait_for_pooled_flows(&pair);
+    pair.wait_for_pooled_flows();
     // Nothing more from home is needed: its flow listener takes a flow when
     // the first data arrives (TCP_DEFER_ACCEPT), and that is the header.
     let wireguard = skerry::bootstrap::DEFAULT_WIREGUARD_PORT;
@@ -436,33 +436,6 @@ fn a_new_connection_needs_no_round_trip_to_home() {
     assert_eq!(got, b"first bytes");
 }
 
-/// Waits until the edge holds its pooled flows to home.
-fn wait_for_pooled_flows(pair: &Pair) {
-    let home_flows = format!(
-        "dst {}:{}",
-        skerry::tunnel::TunnelAddrs::DEFAULT.home(),
-        skerry::flow::TCP_FLOW_PORT
-    );
-    skerry_tests::poll_until(Duration::from_secs(30), || {
-        let out = pair
-            .topo
-            .edge
-            .exec(
-                "sh",
-                &["-c", &format!("ss -Htn state established {home_flows}")],
-            )
-            .expect("ss in the edge namespace");
-        let open = String::from_utf8_lossy(&out.stdout).lines().count();
-        if open >= edge_agent::flow_pool::POOL_SIZE {
-            Ok(())
-        } else {
-            Err(format!(
-                "the edge did not open its pooled flows to home: {open} open"
-            ))
-        }
-    });
-}
-
 /// A pooled flow taken after home died without a word (before the edge's
 /// control session times out) ends once home has failed to acknowledge
 /// its first bytes for the open timeout, as an unanswered connect to home
@@ -472,7 +445,7 @@ fn wait_for_pooled_flows(pair: &Pair) {
 fn a_flow_home_never_acknowledges_ends_after_the_open_timeout() {
     skerry_tests::init_tracing();
     let pair = Pair::start(&[&format!("tcp/9000={TCP_TARGET}")]);
-    wait_for_pooled_flows(&pair);
+    pair.wait_for_pooled_flows();
     let wireguard = skerry::bootstrap::DEFAULT_WIREGUARD_PORT;
     // Nothing from the edge reaches home.
     skerry_tests::nft_drop(

@@ -27,6 +27,36 @@ fn open_fds() -> usize {
         .unwrap_or(0)
 }
 
+/// Waits until home's flow listener has accepted every pooled flow: as
+/// many established as the edge pools, none waiting in the accept queue.
+fn home_accepted_pooled_flows(pair: &Pair) {
+    let port = skerry::flow::TCP_FLOW_PORT;
+    skerry_tests::poll_until(Duration::from_secs(30), || {
+        let ss = |args: &str| {
+            let out = pair
+                .topo
+                .home
+                .exec("sh", &["-c", &format!("ss -Htn {args}")])
+                .expect("ss in the home namespace");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let established = ss(&format!("state established sport = :{port}"))
+            .lines()
+            .count();
+        let queued: usize = ss(&format!("state listening sport = :{port}"))
+            .lines()
+            .filter_map(|l| l.split_whitespace().next()?.parse::<usize>().ok())
+            .sum();
+        if established >= edge_agent::flow_pool::POOL_SIZE && queued == 0 {
+            Ok(())
+        } else {
+            Err(format!(
+                "home holds {established} pooled flows, {queued} not yet accepted"
+            ))
+        }
+    });
+}
+
 #[test]
 fn two_hundred_add_remove_cycles_leave_nothing_behind() {
     skerry_tests::init_tracing();
@@ -38,6 +68,11 @@ fn two_hundred_add_remove_cycles_leave_nothing_behind() {
             .all_ok()
     );
     assert!(pair.remove(&["tcp/9100", "udp/9101"]).all_ok());
+    // The edge's pooled flows to home are descriptors of this process too,
+    // at both ends: count once they are all open, and home has accepted
+    // them (TCP_DEFER_ACCEPT holds them back for a second or more).
+    pair.wait_for_pooled_flows();
+    home_accepted_pooled_flows(&pair);
     let before_listeners = listeners(&pair);
     let before_fds = open_fds();
 
