@@ -23,7 +23,6 @@
 use std::collections::VecDeque;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -314,9 +313,8 @@ async fn open_flow(home: SocketAddr) -> std::io::Result<TcpStream> {
 /// timeout (home had [`OPEN_TIMEOUT`] to acknowledge the flow's first
 /// bytes; the check runs at a retransmission, so it is given as long
 /// again), lifts it, so that later a long outage of the home link stalls
-/// the flow instead of ending it, as TCP does by default. `flow` is a
-/// second descriptor of the flow's socket (the relay holds the stream).
-pub async fn confirm_after_open_timeout<F>(flow: std::io::Result<OwnedFd>, relay: F) -> F::Output
+/// the flow instead of ending it, as TCP does by default.
+pub async fn confirm_after_open_timeout<F>(flow: &TcpStream, relay: F) -> F::Output
 where
     F: std::future::Future,
 {
@@ -324,7 +322,7 @@ where
     tokio::select! {
         out = &mut relay => out,
         () = tokio::time::sleep(2 * OPEN_TIMEOUT) => {
-            if let Err(e) = flow.and_then(|fd| socket2::Socket::from(fd).set_tcp_user_timeout(None)) {
+            if let Err(e) = socket2::SockRef::from(flow).set_tcp_user_timeout(None) {
                 debug!(error = %e, "could not lift a flow's open timeout; it ends after 10 s without acknowledgements");
             }
             relay.await

@@ -318,6 +318,9 @@ pub fn bind_public_tcp(port: u16) -> std::io::Result<TcpListener> {
         }
         Err(e) => return Err(e),
     };
+    // Accepted connections inherit it: one system call per port, not per
+    // connection. Requests and answers leave at once, not after an ACK.
+    socket.set_tcp_nodelay(true)?;
     socket.listen(LISTEN_BACKLOG)?;
     socket.set_nonblocking(true)?;
     TcpListener::from_std(socket.into())
@@ -356,4 +359,22 @@ fn v6_unavailable(e: &std::io::Error) -> bool {
         e.raw_os_error().map(Errno::from_raw),
         Some(Errno::EAFNOSUPPORT | Errno::EADDRNOTAVAIL)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The relay never sets TCP_NODELAY on a public connection: it relies
+    /// on the listener's being inherited.
+    #[tokio::test]
+    async fn public_connections_inherit_nodelay() {
+        let listener = bind_public_tcp(0).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let _client = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap(), "accepted without TCP_NODELAY");
+    }
 }

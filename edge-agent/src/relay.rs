@@ -7,7 +7,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -161,12 +160,12 @@ pub async fn tcp_accept_loop(
 }
 
 async fn tcp_flow(
-    mut client_stream: TcpStream,
+    client_stream: TcpStream,
     client: SocketAddr,
     public_port: u16,
     ctx: &RelayContext,
 ) -> std::io::Result<()> {
-    client_stream.set_nodelay(true)?;
+    // TCP_NODELAY comes from the listener (see `ports::bind_public_tcp`).
     let mut home = ctx.pool.flow().await?;
     let mut header = Vec::with_capacity(skerry::flow::MAX_FLOW_HEADER_LEN + EARLY_DATA);
     FlowHeader {
@@ -186,10 +185,9 @@ async fn tcp_flow(
         Err(e) => return Err(e),
     }
     home.write_all(&header).await?;
-    let flow = home.as_fd().try_clone_to_owned();
     let (up, down) = crate::flow_pool::confirm_after_open_timeout(
-        flow,
-        skerry::relay::relay_tcp(&mut client_stream, &mut home),
+        &home,
+        skerry::relay::relay_tcp(&client_stream, &home),
     )
     .await?;
     trace!(up, down, "flow closed");

@@ -137,8 +137,8 @@ pub async fn tcp_flows(listener: TcpListener, fwd: Arc<Forwarding>, shutdown: Ca
     }
 }
 
+/// `tunnel` has TCP_NODELAY from the flow listener.
 async fn tcp_flow(mut tunnel: TcpStream, fwd: &Forwarding) -> anyhow::Result<()> {
-    tunnel.set_nodelay(true)?;
     let mut buf = [0u8; MAX_FLOW_HEADER_LEN];
     let mut have = 0;
     // The edge may have opened this flow ahead of the connection that will
@@ -200,7 +200,7 @@ async fn tcp_flow(mut tunnel: TcpStream, fwd: &Forwarding) -> anyhow::Result<()>
         if !early.is_empty() {
             out.write_all(&early).await?;
         }
-        let (up, down) = skerry::relay::relay_tcp(&mut tunnel, &mut out).await?;
+        let (up, down) = skerry::relay::relay_tcp(&tunnel, &out).await?;
         trace!(%target, up, down, "flow closed");
         Ok(())
     }

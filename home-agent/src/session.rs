@@ -284,6 +284,10 @@ async fn ensure_plane(
     if let Err(e) = skerry::sockopt::defer_accept(&tcp, 1) {
         tracing::debug!(error = %e, "TCP_DEFER_ACCEPT refused on the flow listener");
     }
+    // Accepted flows inherit TCP_NODELAY: set once here, not per flow.
+    socket2::SockRef::from(&tcp)
+        .set_tcp_nodelay(true)
+        .context("setting TCP_NODELAY on the flow listener")?;
     let udp_flows = bind_flow_socket(SocketAddr::from((t.home(), UDP_FLOW_PORT)))
         .with_context(|| format!("binding the UDP flow socket {}:{UDP_FLOW_PORT}", t.home()))?;
     tokio::spawn(forward::tcp_flows(tcp, fwd.clone(), shutdown.child_token()));

@@ -41,9 +41,6 @@ pub const FLOW_VERSION: u8 = 1;
 pub const FLOW_HEADER_WAIT: Duration = Duration::from_secs(300);
 /// How long the edge keeps an unused pooled flow before replacing it.
 pub const POOLED_FLOW_MAX_IDLE: Duration = Duration::from_secs(120);
-/// Buffer per direction of a TCP relay: tokio's default of 8 KiB costs a
-/// system call pair per 8 KiB; 64 KiB matches what one TSO read carries.
-pub const RELAY_BUFFER: usize = 64 * 1024;
 /// The largest encoded header (IPv6 client).
 pub const MAX_FLOW_HEADER_LEN: usize = 1 + 1 + 2 + 1 + 16 + 2;
 pub const MAX_DATAGRAM_HEADER_LEN: usize = 1 + 4 + 2 + 1 + 16 + 2;

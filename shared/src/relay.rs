@@ -15,35 +15,38 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Mutex;
 
 use nix::fcntl::{OFlag, SpliceFFlags, splice};
-use tokio::io::{AsyncWriteExt, Interest};
+use nix::sys::socket::{self, MsgFlags};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tokio::net::tcp::{ReadHalf, WriteHalf};
-
-use crate::flow::RELAY_BUFFER;
 
 /// Bytes asked for per splice: a pipe's default capacity (16 pages).
 const SPLICE_CHUNK: usize = 64 * 1024;
 
 /// Relays both directions until both have ended; returns the bytes moved
-/// a → b and b → a. Falls back to copying when no pipe can be had (out of
+/// a → b and b → a. Copies only when no pipe can be had (out of
 /// descriptors): the flow still works, only slower.
-pub async fn relay_tcp(a: &mut TcpStream, b: &mut TcpStream) -> io::Result<(u64, u64)> {
-    let (Ok(a_to_b), Ok(b_to_a)) = (Pipe::take(), Pipe::take()) else {
-        tracing::debug!("no pipe for splice; relaying by copy");
-        return tokio::io::copy_bidirectional_with_sizes(a, b, RELAY_BUFFER, RELAY_BUFFER).await;
+///
+/// The streams are shared, not borrowed mutably: the caller may act on
+/// the sockets meanwhile (the edge lifts a flow's open timeout) without a
+/// second descriptor per flow.
+pub async fn relay_tcp(a: &TcpStream, b: &TcpStream) -> io::Result<(u64, u64)> {
+    let (a_to_b, b_to_a) = match (Pipe::take(), Pipe::take()) {
+        (Ok(x), Ok(y)) => (Some(x), Some(y)),
+        _ => {
+            tracing::debug!("no pipe for splice; relaying by copy");
+            (None, None)
+        }
     };
-    let moved = {
-        let ((a_read, a_write), (b_read, b_write)) = (a.split(), b.split());
-        tokio::try_join!(
-            one_way(a_read, b_write, &a_to_b),
-            one_way(b_read, a_write, &b_to_a)
-        )
-    };
+    let moved = tokio::try_join!(
+        one_way(a, b, a_to_b.as_ref()),
+        one_way(b, a, b_to_a.as_ref())
+    );
     // Both directions ran to their end, so both pipes are empty. After an
     // error a pipe may still hold bytes, and it is closed instead.
     if moved.is_ok() {
-        a_to_b.give_back();
-        b_to_a.give_back();
+        for pipe in [a_to_b, b_to_a].into_iter().flatten() {
+            pipe.give_back();
+        }
     }
     moved
 }
@@ -89,24 +92,23 @@ fn spare_pipes() -> std::sync::MutexGuard<'static, Vec<Pipe>> {
 const COPY_CHUNK: usize = 4096;
 
 /// `from` → `to` until `from` ends, then half-closes `to`: small reads by
-/// copy, and once a read fills the copy buffer, through the pipe until a
-/// read comes back small again.
+/// copy, and once a read fills the copy buffer, through the pipe (if there
+/// is one) until a read comes back small again.
 ///
 /// The pipe is empty whenever `from` is read, so "would block" there means
 /// `from` has nothing; while the pipe holds bytes only `to` is written, so
 /// "would block" there means `to` is full. tokio's readiness covers both.
-async fn one_way(from: ReadHalf<'_>, mut to: WriteHalf<'_>, pipe: &Pipe) -> io::Result<u64> {
+async fn one_way(from: &TcpStream, to: &TcpStream, pipe: Option<&Pipe>) -> io::Result<u64> {
     let mut total = 0u64;
     let mut copying = true;
     loop {
-        let n = if copying {
-            copy_once(from.as_ref(), &mut to).await?
-        } else {
-            splice_through(from.as_ref(), to.as_ref(), pipe).await?
+        let n = match pipe {
+            Some(pipe) if !copying => splice_through(from, to, pipe).await?,
+            _ => copy_once(from, to).await?,
         };
         if n == 0 {
             // The other side sees end-of-stream after everything sent before it.
-            match socket2::SockRef::from(to.as_ref()).shutdown(Shutdown::Write) {
+            match socket2::SockRef::from(to).shutdown(Shutdown::Write) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
                 Err(e) => return Err(e),
@@ -125,7 +127,7 @@ async fn one_way(from: ReadHalf<'_>, mut to: WriteHalf<'_>, pipe: &Pipe) -> io::
 /// waiting flow (most flows, most of the time) keeps no buffer: a relay's
 /// state is a few hundred bytes, not 8 KiB. Only what `to` cannot take at
 /// once is kept, in a heap copy, until it can.
-async fn copy_once(from: &TcpStream, to: &mut WriteHalf<'_>) -> io::Result<usize> {
+async fn copy_once(from: &TcpStream, to: &TcpStream) -> io::Result<usize> {
     let (n, unsent) = loop {
         from.readable().await?;
         let mut buf = [0u8; COPY_CHUNK];
@@ -149,7 +151,7 @@ async fn copy_once(from: &TcpStream, to: &mut WriteHalf<'_>) -> io::Result<usize
         }
         let mut sent = 0;
         while sent < n {
-            match to.as_ref().try_write(&buf[sent..n]) {
+            match to.try_write(&buf[sent..n]) {
                 Ok(m) => sent += m,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),
@@ -157,15 +159,21 @@ async fn copy_once(from: &TcpStream, to: &mut WriteHalf<'_>) -> io::Result<usize
         }
         break (n, buf[sent..n].to_vec());
     };
-    if !unsent.is_empty() {
-        to.write_all(&unsent).await?;
+    let mut sent = 0;
+    while sent < unsent.len() {
+        sent += to
+            .async_io(Interest::WRITABLE, || send(to, &unsent[sent..]))
+            .await?;
     }
     Ok(n)
 }
 
 fn recv(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    nix::sys::socket::recv(from.as_raw_fd(), buf, nix::sys::socket::MsgFlags::empty())
-        .map_err(io::Error::from)
+    socket::recv(from.as_raw_fd(), buf, MsgFlags::empty()).map_err(io::Error::from)
+}
+
+fn send(to: &TcpStream, buf: &[u8]) -> io::Result<usize> {
+    socket::send(to.as_raw_fd(), buf, MsgFlags::MSG_NOSIGNAL).map_err(io::Error::from)
 }
 
 /// One read from `from` into the pipe, and all of it on to `to`.
@@ -206,7 +214,7 @@ fn splice_nonblocking(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<
 #[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     /// Two connected pairs over loopback: (outer client, relay end a) and
@@ -223,8 +231,8 @@ mod tests {
 
     #[tokio::test]
     async fn moves_bytes_both_ways_and_passes_half_close_on() {
-        let ((mut client, mut a), (mut b, mut server)) = pairs().await;
-        let relay = tokio::spawn(async move { relay_tcp(&mut a, &mut b).await });
+        let ((mut client, a), (b, mut server)) = pairs().await;
+        let relay = tokio::spawn(async move { relay_tcp(&a, &b).await });
         // More than a pipe holds, so the relay has to wait for the reader.
         let up: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let down: Vec<u8> = (0..1_000_000u32).map(|i| (i % 241) as u8).collect();
@@ -251,8 +259,8 @@ mod tests {
     /// splicing both ways: every message arrives whole and in order.
     #[tokio::test]
     async fn messages_of_every_size_cross_in_order() {
-        let ((mut client, mut a), (mut b, mut server)) = pairs().await;
-        let relay = tokio::spawn(async move { relay_tcp(&mut a, &mut b).await });
+        let ((mut client, a), (b, mut server)) = pairs().await;
+        let relay = tokio::spawn(async move { relay_tcp(&a, &b).await });
         let sizes = [1usize, 4096, 64, 200_000, 3, 4095, 70_000, 10, 4097, 1];
         let echo = tokio::spawn(async move {
             for (i, &n) in sizes.iter().enumerate() {
@@ -281,8 +289,8 @@ mod tests {
     /// future's state, and that holds no copy buffer.
     #[tokio::test]
     async fn a_relay_keeps_no_copy_buffer_while_it_waits() {
-        let ((_client, mut a), (mut b, _server)) = pairs().await;
-        let relay = relay_tcp(&mut a, &mut b);
+        let ((_client, a), (b, _server)) = pairs().await;
+        let relay = relay_tcp(&a, &b);
         let size = std::mem::size_of_val(&relay);
         assert!(
             size < COPY_CHUNK,
@@ -295,7 +303,7 @@ mod tests {
     /// arrives in order once the reader reads again.
     #[tokio::test]
     async fn small_messages_to_a_stalled_reader_arrive_whole() {
-        let ((mut client, mut a), (mut b, mut server)) = pairs().await;
+        let ((mut client, a), (b, mut server)) = pairs().await;
         // Small buffers at the far end fill after a few messages.
         socket2::SockRef::from(&server)
             .set_recv_buffer_size(4096)
@@ -303,7 +311,7 @@ mod tests {
         socket2::SockRef::from(&b)
             .set_send_buffer_size(4096)
             .unwrap();
-        let relay = tokio::spawn(async move { relay_tcp(&mut a, &mut b).await });
+        let relay = tokio::spawn(async move { relay_tcp(&a, &b).await });
         // 3000-byte messages: each read is short, so the relay copies.
         let messages: Vec<Vec<u8>> = (0..60u32)
             .map(|i| (0..3000u32).map(|j| ((i * 7 + j) % 253) as u8).collect())
@@ -329,10 +337,30 @@ mod tests {
         assert_eq!(up, expected.len() as u64);
     }
 
+    /// Without pipes (out of descriptors) each direction copies: bulk and
+    /// the half-close still cross.
+    #[tokio::test]
+    async fn without_a_pipe_bytes_are_copied() {
+        let ((mut client, a), (b, mut server)) = pairs().await;
+        let relay = tokio::spawn(async move { one_way(&a, &b, None).await });
+        let up: Vec<u8> = (0..1_000_000u32).map(|i| (i % 239) as u8).collect();
+        let up2 = up.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&up2).await.unwrap();
+            client.shutdown().await.unwrap();
+            client
+        });
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert!(got == up, "bytes differ from what was sent");
+        assert_eq!(relay.await.unwrap().unwrap(), up.len() as u64);
+        drop(writer.await.unwrap());
+    }
+
     #[tokio::test]
     async fn a_reset_ends_the_relay_with_an_error() {
-        let ((client, mut a), (mut b, _server)) = pairs().await;
-        let relay = tokio::spawn(async move { relay_tcp(&mut a, &mut b).await });
+        let ((client, a), (b, _server)) = pairs().await;
+        let relay = tokio::spawn(async move { relay_tcp(&a, &b).await });
         client.set_zero_linger().unwrap();
         drop(client);
         let result = tokio::time::timeout(std::time::Duration::from_secs(5), relay)
