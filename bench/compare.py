@@ -46,6 +46,7 @@ class Config:
         self.conn_count = 2000 if a.quick else 5000
         self.conn_concurrency = 8
         self.perf = [x for x in (a.perf or "").split(",") if x]
+        self.perf_figure = a.perf_figure
         self.figures = {x.strip() for x in a.figures.split(",") if x.strip()}
 
 
@@ -180,9 +181,10 @@ def wait_ready(h: Harness, ep: S.Endpoints, setup: S.Setup) -> None:
                    30, f"{setup.name}: UDP echo through the path", interval=0.3)
 
 
-def start_perf(h: Harness, setup: S.Setup, sampler: Sampler, cfg: Config) -> list:
-    """With --perf: `perf record` the setup's edge and home processes during TCP 1 stream up."""
-    if setup.name not in cfg.perf or not tool("perf"):
+def start_perf(h: Harness, setup: S.Setup, sampler: Sampler, cfg: Config, key: str) -> list:
+    """With --perf: `perf record` the setup's edge and home processes during one figure (--perf-figure);
+    stopped by finish_perf when the figure is done."""
+    if key != cfg.perf_figure or setup.name not in cfg.perf or not tool("perf"):
         return []
     out = []
     for role in ("edge", "home"):
@@ -190,19 +192,15 @@ def start_perf(h: Harness, setup: S.Setup, sampler: Sampler, cfg: Config) -> lis
         if not pids:
             continue
         data = h.scratch / f"perf-{setup.name}-{role}.data"
-        p = h.spawn(None, ["perf", "record", "-q", "-F", "499", "-g", "-o", str(data), "-p", ",".join(map(str, pids)),
-                           "--", "sleep", str(cfg.tcp_secs)], f"perf-{setup.name}-{role}")
+        p = h.spawn(None, ["perf", "record", "-q", "-F", "499", "-g", "-o", str(data), "-p", ",".join(map(str, pids))],
+                    f"perf-{setup.name}-{role}")
         out.append((role, p, data))
     return out
 
 
 def finish_perf(h: Harness, setup: S.Setup, perf: list) -> None:
     for role, p, data in perf:
-        try:
-            p.popen.wait(30)
-        except subprocess.TimeoutExpired:
-            pass
-        h.stop(p, sig=2, grace=5)
+        h.stop(p, sig=2, grace=10)
         dest = BENCH_DIR / "results" / f"perf-{setup.name}-{role}.txt"
         dest.parent.mkdir(parents=True, exist_ok=True)
         for sort, suffix in (("dso,symbol", ""), ("comm,dso", "-by-dso")):
@@ -253,7 +251,7 @@ def measure(h: Harness, setup: S.Setup, cfg: Config) -> dict:
         for streams in (1, 8) if "tcp" in cfg.figures else ():
             for rev in (False, True):
                 key = f"tcp{streams}_{'down' if rev else 'up'}"
-                perf = start_perf(h, setup, sampler, cfg) if key == "tcp1_up" else []
+                perf = start_perf(h, setup, sampler, cfg, key)
                 v = timed(key, lambda: tcp_test(h, ep.host, cfg, streams, rev))
                 finish_perf(h, setup, perf)
                 if v:
@@ -268,18 +266,22 @@ def measure(h: Harness, setup: S.Setup, cfg: Config) -> dict:
                 log(f"  {setup.name} udp: {v['mbps']:.0f} Mbit/s under 1% loss")
         v = None
         if "rtt" in cfg.figures:
+            perf = start_perf(h, setup, sampler, cfg, "rtt")
             v = timed("rtt", lambda: loadgen_json(h, ["rtt", f"{ep.host}:{S.ECHO_PORT}", str(cfg.rtt_count), "64"], 60))
+            finish_perf(h, setup, perf)
         if v:
             res["rtt_p50_us"], res["rtt_p99_us"] = v["p50_us"], v["p99_us"]
             log(f"  {setup.name} rtt: p50 {v['p50_us']:.0f} µs, p99 {v['p99_us']:.0f} µs")
         v = None
         if "conn" in cfg.figures:
+            perf = start_perf(h, setup, sampler, cfg, "connrate")
             v = timed(
                 "connrate",
                 lambda: loadgen_json(
                     h, ["connrate", f"{ep.host}:{S.ECHO_PORT}", str(cfg.conn_count), str(cfg.conn_concurrency), "64"], 120
                 ),
             )
+            finish_perf(h, setup, perf)
         if v:
             res["conn_per_s"], res["conn_failed"] = v["per_sec"], v["failed"]
             if v["failed"]:
@@ -389,8 +391,10 @@ def main() -> int:
     ap.add_argument("--setups", default=",".join(S.ALL), help=f"comma-separated, from: {','.join(S.ALL)}")
     ap.add_argument("--figures", default="tcp,udp,rtt,conn", help="comma-separated figures to measure, from: "
                     "tcp,udp,rtt,conn (default all; a subset is for quick A/B runs while developing)")
-    ap.add_argument("--perf", default="", help="comma-separated setups to profile with perf during TCP 1 stream up "
+    ap.add_argument("--perf", default="", help="comma-separated setups to profile with perf during one figure "
                     "(reports in bench/results/perf-*.txt)")
+    ap.add_argument("--perf-figure", default="tcp1_up", choices=["tcp1_up", "tcp1_down", "tcp8_up", "tcp8_down", "rtt",
+                    "connrate"], help="the figure --perf profiles (default tcp1_up)")
     ap.add_argument("--out", default=str(BENCH_DIR / "RESULTS.md"), help="the report to write")
     ap.add_argument("--json", default=str(BENCH_DIR / "results" / "latest.json"))
     a = ap.parse_args()

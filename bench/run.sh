@@ -47,7 +47,8 @@ trap cleanup EXIT
 
 if [[ $install -eq 1 ]]; then
   # Debian packages: the load generator, the innisfree-style relays, WireGuard tools.
-  want=(iperf3 socat nginx-light libnginx-mod-stream wireguard-tools iproute2 procps)
+  # musl-tools: the edge-agent is measured as shipped, a static musl build.
+  want=(iperf3 socat nginx-light libnginx-mod-stream wireguard-tools iproute2 procps musl-tools)
   if apt-cache policy wireguard-go 2>/dev/null | grep -q 'Candidate: [0-9]'; then want+=(wireguard-go); fi
   missing=()
   for p in "${want[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
@@ -69,12 +70,16 @@ if [[ $install -eq 1 ]]; then
         || echo "warning: could not install $crate; its setup will be skipped" >&2
     fi
   done
-  echo "building bench/loadgen and skerry (release)"
+  if ! rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl; then
+    rustup target add x86_64-unknown-linux-musl
+  fi
+  echo "building bench/loadgen and skerry (release; the edge-agent static, for musl, as in the image)"
   cargo build --quiet --release --manifest-path "$BENCH/loadgen/Cargo.toml" --target-dir "$TOOLS/target"
   mkdir -p "$TOOLS/bin"
   install -m 0755 "$TOOLS/target/release/skb-loadgen" "$TOOLS/bin/skb-loadgen"
   if [[ -z $rev ]]; then
-    cargo build --quiet --release -p edge-agent -p home-agent
+    cargo build --quiet --release -p home-agent
+    cargo build --quiet --release --target x86_64-unknown-linux-musl -p edge-agent
   fi
 fi
 if [[ -n $rev ]]; then
@@ -88,10 +93,12 @@ if [[ -n $rev ]]; then
   stamp="$TOOLS/skerry-target/release/.skb-rev"
   if [[ $install -eq 1 || "$(cat "$stamp" 2>/dev/null)" != "$sha" ]]; then
     echo "building skerry $rev (${sha:0:12}) in $src"
-    (cd "$src" && cargo build --quiet --release -p edge-agent -p home-agent --target-dir "$PWD/../../skerry-target")
+    (cd "$src" && cargo build --quiet --release -p home-agent --target-dir "$PWD/../../skerry-target" &&
+      cargo build --quiet --release --target x86_64-unknown-linux-musl -p edge-agent --target-dir "$PWD/../../skerry-target")
     echo "$sha" > "$stamp"
   fi
   export SKB_SKERRY_BIN_DIR="$PWD/$TOOLS/skerry-target/release"
+  export SKB_SKERRY_EDGE_BIN="$PWD/$TOOLS/skerry-target/x86_64-unknown-linux-musl/release/edge-agent"
   export SKB_SKERRY_DESC="$(git log -1 --format='%h %cs' "$sha") (--skerry-rev $rev)"
 fi
 

@@ -109,23 +109,45 @@ class Direct(Setup):
 # ---------------------------------------------------------------- skerry
 
 
+MUSL = "x86_64-unknown-linux-musl"
+
+
+def is_static(path: str) -> bool:
+    """An ELF executable without an interpreter (PT_INTERP) is statically linked."""
+    with open(path, "rb") as f:
+        h = f.read(64)
+        phoff, phentsize, phnum = int.from_bytes(h[32:40], "little"), int.from_bytes(h[54:56], "little"), \
+            int.from_bytes(h[56:58], "little")
+        for i in range(phnum):
+            f.seek(phoff + i * phentsize)
+            if int.from_bytes(f.read(4), "little") == 3:
+                return False
+    return True
+
+
 class Skerry(Setup):
     name = "skerry"
     label = "skerry"
-    description = "edge-agent and home-agent, release builds, their real data path (boringtun over TUN, QUIC/mTLS control)"
+    description = ("edge-agent and home-agent, release builds (the edge-agent static, for musl, as in the image), "
+                   "their real data path (boringtun over TUN, QUIC/mTLS control)")
     NAME = "bench"
 
     def __init__(self) -> None:
         super().__init__()
-        # run.sh --skerry-rev REV builds a committed revision elsewhere and says so here
-        bindir = Path(os.environ.get("SKB_SKERRY_BIN_DIR") or REPO_DIR / "target" / "release")
-        self.edge_bin = str(bindir / "edge-agent")
-        self.home_bin = str(bindir / "home-agent")
+        # run.sh --skerry-rev REV builds a committed revision elsewhere and says so here;
+        # SKB_SKERRY_BIN_DIR alone (both binaries from one directory) is for quick A/B runs.
+        bindir = os.environ.get("SKB_SKERRY_BIN_DIR")
+        self.home_bin = str(Path(bindir or REPO_DIR / "target" / "release") / "home-agent")
+        # The edge-agent as shipped in the DigitalOcean image: static, musl.
+        self.edge_bin = os.environ.get("SKB_SKERRY_EDGE_BIN") or str(
+            Path(bindir) / "edge-agent" if bindir else REPO_DIR / "target" / MUSL / "release" / "edge-agent"
+        )
 
     def missing(self) -> str | None:
-        for b in (self.edge_bin, self.home_bin):
-            if not Path(b).exists():
-                return f"{b} not built (cargo build --release -p edge-agent -p home-agent)"
+        if not Path(self.home_bin).exists():
+            return f"{self.home_bin} not built (cargo build --release -p home-agent)"
+        if not Path(self.edge_bin).exists():
+            return f"{self.edge_bin} not built (cargo build --release --target {MUSL} -p edge-agent)"
         return None
 
     def version(self) -> str:
@@ -133,7 +155,8 @@ class Skerry(Setup):
         desc = os.environ.get("SKB_SKERRY_DESC") or run(
             ["git", "-C", str(REPO_DIR), "describe", "--always", "--dirty"], check=False
         ).stdout.strip() + " work tree"
-        return f"{v} (git {desc})"
+        edge = "static" if is_static(self.edge_bin) else "dynamically linked"
+        return f"{v} (git {desc}; edge-agent {edge})"
 
     def env(self, h: Harness) -> dict[str, str]:
         base = h.scratch / "skerry"
