@@ -70,7 +70,8 @@ if [[ $install -eq 1 ]]; then
         || echo "warning: could not install $crate; its setup will be skipped" >&2
     fi
   done
-  if ! rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl; then
+  if ! rustup target list --installed 2>/dev/null | grep -x x86_64-unknown-linux-musl >/dev/null; then
+    command -v rustup >/dev/null || { echo "bench/run.sh: rustup is needed to add the x86_64-unknown-linux-musl target (the edge-agent is measured as shipped, static)" >&2; exit 1; }
     rustup target add x86_64-unknown-linux-musl
   fi
   echo "building bench/loadgen and skerry (release; the edge-agent static, for musl, as in the image)"
@@ -91,14 +92,15 @@ if [[ -n $rev ]]; then
     git archive "$sha" | tar -x -C "$src"
   fi
   stamp="$TOOLS/skerry-target/release/.skb-rev"
-  if [[ $install -eq 1 || "$(cat "$stamp" 2>/dev/null)" != "$sha" ]]; then
+  edge_bin="$TOOLS/skerry-target/x86_64-unknown-linux-musl/release/edge-agent"
+  if [[ $install -eq 1 || "$(cat "$stamp" 2>/dev/null)" != "$sha" || ! -x $edge_bin ]]; then
     echo "building skerry $rev (${sha:0:12}) in $src"
     (cd "$src" && cargo build --quiet --release -p home-agent --target-dir "$PWD/../../skerry-target" &&
       cargo build --quiet --release --target x86_64-unknown-linux-musl -p edge-agent --target-dir "$PWD/../../skerry-target")
     echo "$sha" > "$stamp"
   fi
   export SKB_SKERRY_BIN_DIR="$PWD/$TOOLS/skerry-target/release"
-  export SKB_SKERRY_EDGE_BIN="$PWD/$TOOLS/skerry-target/x86_64-unknown-linux-musl/release/edge-agent"
+  export SKB_SKERRY_EDGE_BIN="$PWD/$edge_bin"
   export SKB_SKERRY_DESC="$(git log -1 --format='%h %cs' "$sha") (--skerry-rev $rev)"
 fi
 

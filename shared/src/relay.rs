@@ -6,8 +6,8 @@
 //! never copied into this process and back. That is two copies less per
 //! byte and relay, where copying is most of what a relay costs. Small
 //! messages (requests, replies, keystrokes) are copied: fewer and cheaper
-//! system calls per message. Half-closes are passed on as
-//! `copy_bidirectional` does.
+//! system calls per message. A half-close is passed on: the end of one
+//! side's stream becomes a write shutdown of the other.
 
 use std::io;
 use std::net::Shutdown;
@@ -23,7 +23,7 @@ use tokio::net::TcpStream;
 const SPLICE_CHUNK: usize = 64 * 1024;
 
 /// Relays both directions until both have ended; returns the bytes moved
-/// a → b and b → a. Copies only when no pipe can be had (out of
+/// a → b and b → a. Copies everything when no pipe can be had (out of
 /// descriptors): the flow still works, only slower.
 ///
 /// The streams are shared, not borrowed mutably: the caller may act on
@@ -32,8 +32,11 @@ const SPLICE_CHUNK: usize = 64 * 1024;
 pub async fn relay_tcp(a: &TcpStream, b: &TcpStream) -> io::Result<(u64, u64)> {
     let (a_to_b, b_to_a) = match (Pipe::take(), Pipe::take()) {
         (Ok(x), Ok(y)) => (Some(x), Some(y)),
-        _ => {
+        (one, other) => {
             tracing::debug!("no pipe for splice; relaying by copy");
+            for pipe in [one, other].into_iter().flatten() {
+                pipe.give_back();
+            }
             (None, None)
         }
     };
@@ -102,6 +105,12 @@ async fn one_way(from: &TcpStream, to: &TcpStream, pipe: Option<&Pipe>) -> io::R
     let mut total = 0u64;
     let mut copying = true;
     loop {
+        // Readiness waits and `try_io` do not count against tokio's
+        // cooperative budget: without this a busy flow whose reads and
+        // writes never block would hold its worker thread (and the other
+        // direction, and whoever selects over the relay) for as long as
+        // its bytes keep coming.
+        tokio::task::consume_budget().await;
         let n = match pipe {
             Some(pipe) if !copying => splice_through(from, to, pipe).await?,
             _ => copy_once(from, to).await?,
@@ -161,9 +170,13 @@ async fn copy_once(from: &TcpStream, to: &TcpStream) -> io::Result<usize> {
     };
     let mut sent = 0;
     while sent < unsent.len() {
-        sent += to
+        let m = to
             .async_io(Interest::WRITABLE, || send(to, &unsent[sent..]))
             .await?;
+        if m == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        sent += m;
     }
     Ok(n)
 }
