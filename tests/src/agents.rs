@@ -222,20 +222,16 @@ impl Pair {
     /// the background once the session is up).
     pub fn wait_for_pooled_flows(&self) {
         let home_flows = format!(
-            "dst {}:{}",
+            "{}:{}",
             TunnelAddrs::DEFAULT.home(),
             skerry::flow::TCP_FLOW_PORT
         );
         crate::poll_until(Duration::from_secs(30), || {
-            let out = self
-                .topo
-                .edge
-                .exec(
-                    "sh",
-                    &["-c", &format!("ss -Htn state established {home_flows}")],
-                )
-                .expect("ss in the edge namespace");
-            let open = String::from_utf8_lossy(&out.stdout).lines().count();
+            let established = crate::ss(
+                &self.topo.edge,
+                &["-Htn", "state", "established", "dst", &home_flows],
+            );
+            let open = established.lines().count();
             if open >= edge_agent::flow_pool::POOL_SIZE {
                 Ok(())
             } else {

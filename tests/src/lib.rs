@@ -344,6 +344,12 @@ where
     }
 }
 
+/// `ss` in `ns` with `args` (filters as separate words): its output.
+pub fn ss(ns: &NetNs, args: &[&str]) -> String {
+    let out = ns.exec("ss", args).expect("ss in a test namespace");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Calls `check` every 50 ms until it gives a value; after `limit`, fails
 /// the test with what `check` last said.
 pub fn poll_until<T>(limit: Duration, mut check: impl FnMut() -> Result<T, String>) -> T {

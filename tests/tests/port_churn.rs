@@ -8,12 +8,7 @@ use std::time::{Duration, Instant};
 use skerry_tests::agents::Pair;
 
 fn listeners(pair: &Pair) -> Vec<String> {
-    let out = pair
-        .topo
-        .edge
-        .exec("ss", &["-Htuln"])
-        .expect("ss in the edge namespace");
-    let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+    let mut lines: Vec<String> = skerry_tests::ss(&pair.topo.edge, &["-Htuln"])
         .lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
         .collect();
@@ -30,20 +25,13 @@ fn open_fds() -> usize {
 /// Waits until home's flow listener has accepted every pooled flow: as
 /// many established as the edge pools, none waiting in the accept queue.
 fn home_accepted_pooled_flows(pair: &Pair) {
-    let port = skerry::flow::TCP_FLOW_PORT;
+    let sport = format!(":{}", skerry::flow::TCP_FLOW_PORT);
+    let home = &pair.topo.home;
     skerry_tests::poll_until(Duration::from_secs(30), || {
-        let ss = |args: &str| {
-            let out = pair
-                .topo
-                .home
-                .exec("sh", &["-c", &format!("ss -Htn {args}")])
-                .expect("ss in the home namespace");
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        };
-        let established = ss(&format!("state established sport = :{port}"))
-            .lines()
-            .count();
-        let queued: usize = ss(&format!("state listening sport = :{port}"))
+        let ss =
+            |state: &str| skerry_tests::ss(home, &["-Htn", "state", state, "sport", "=", &sport]);
+        let established = ss("established").lines().count();
+        let queued: usize = ss("listening")
             .lines()
             .filter_map(|l| l.split_whitespace().next()?.parse::<usize>().ok())
             .sum();
