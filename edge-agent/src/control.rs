@@ -137,7 +137,11 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<ControlState>) {
     let result: Result<(), ControlError> = async {
         while let Some(msg) = reader.next().await? {
             match session.handle(msg)? {
-                EdgeAction::Established { home_key, reply } => {
+                EdgeAction::Established {
+                    home_key,
+                    version,
+                    reply,
+                } => {
                     info!(home_key = %short_key(&home_key), "home-agent connected");
                     // No flow opened to the previous home-agent may be
                     // handed out once the tunnel leads to this one.
@@ -151,7 +155,9 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<ControlState>) {
                             b"a newer session took over",
                         );
                     }
-                    state.pool.start_session();
+                    state
+                        .pool
+                        .start_session(version >= skerry::protocol::FRAMED_FLOWS_VERSION);
                     write_message(&mut send, &reply).await?;
                 }
                 EdgeAction::Apply(map) => {

@@ -8,8 +8,16 @@
 //! client's first bytes leave at once.
 //!
 //! [`PoolState`] decides (no I/O): how many flows to open, which to hand
-//! out, which have waited too long, when to retry after failures. The
-//! [`FlowPool`] shell opens the sockets.
+//! out, which have waited too long, when to retry after failures, which
+//! flows to keep when they come back. The [`FlowPool`] shell opens the
+//! sockets.
+//!
+//! With a home-agent that reads framed flows (control protocol version 2)
+//! a flow comes back to the pool when its connection has ended cleanly
+//! both ways, and carries the next connection: the handshake and teardown
+//! inside the tunnel are paid once per flow, not once per connection. The
+//! most recently returned flow is handed out first, so flows beyond what
+//! the load needs sit unused and age out.
 //!
 //! A pooled flow is only good for the home-agent session it was opened in:
 //! a restarted home-agent has no socket for it, so home's kernel would
@@ -38,6 +46,8 @@ pub const POOL_SIZE: usize = 8;
 /// How long opening an in-tunnel flow may take, and home's acknowledgement
 /// of its first bytes.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle flows kept at most: what comes back beyond this is closed.
+pub const MAX_IDLE: usize = 8 * POOL_SIZE;
 /// First wait after a flow could not be opened; doubles up to
 /// [`RETRY_MAX`] while home does not answer.
 const RETRY_MIN: Duration = Duration::from_secs(1);
@@ -57,6 +67,8 @@ pub struct PoolState<T> {
     retry_wait: Duration,
     size: usize,
     max_idle: Duration,
+    /// Whether this session's home reads framed flows.
+    framed: bool,
 }
 
 impl<T> PoolState<T> {
@@ -70,14 +82,16 @@ impl<T> PoolState<T> {
             retry_wait: RETRY_MIN,
             size,
             max_idle,
+            framed: false,
         }
     }
 
     /// A new home-agent session: what was pooled before is returned, to be
-    /// closed.
-    pub fn start_session(&mut self) -> Vec<T> {
+    /// closed. `framed`: home reads framed flows, which can be reused.
+    pub fn start_session(&mut self, framed: bool) -> Vec<T> {
         self.last_session += 1;
         self.session = Some(self.last_session);
+        self.framed = framed;
         // Opens still under way belong to the old session: not counted.
         self.opening = 0;
         self.retry_at = None;
@@ -138,9 +152,30 @@ impl<T> PoolState<T> {
         }
     }
 
-    /// The oldest idle flow: used before it ages out.
-    pub fn take(&mut self) -> Option<T> {
-        self.idle.pop_front().map(|(t, _)| t)
+    /// The most recently pooled flow, with the session it belongs to and
+    /// whether it is framed: the older ones are left to age out when the
+    /// load does not need them.
+    pub fn take(&mut self) -> Option<(T, Option<u64>, bool)> {
+        self.idle
+            .pop_back()
+            .map(|(t, _)| (t, self.session, self.framed))
+    }
+
+    /// The session a flow opened now would belong to, and whether it would
+    /// be framed: an on-demand flow can be reused as a pooled one.
+    pub fn current(&self) -> (Option<u64>, bool) {
+        (self.session, self.session.is_some() && self.framed)
+    }
+
+    /// A framed flow whose connection ended cleanly, for the next one.
+    /// Handed back, to be closed, if its session is over or the pool holds
+    /// [`MAX_IDLE`] already.
+    pub fn returned(&mut self, session: u64, flow: T, now: Instant) -> Option<T> {
+        if self.session != Some(session) || !self.framed || self.idle.len() >= MAX_IDLE {
+            return Some(flow);
+        }
+        self.idle.push_back((flow, now));
+        None
     }
 
     /// Idle flows older than the limit, to be closed (and replaced).
@@ -200,8 +235,9 @@ impl FlowPool {
     }
 
     /// A home-agent session was established: fill the pool for it.
-    pub fn start_session(&self) {
-        let old = self.state().start_session();
+    /// `framed`: home reads framed flows (see [`PoolState::start_session`]).
+    pub fn start_session(&self, framed: bool) {
+        let old = self.state().start_session(framed);
         drop(old);
         self.changed.notify_one();
     }
@@ -218,25 +254,55 @@ impl FlowPool {
     }
 
     /// A flow to home: a pooled one if one is still open, else a new one.
-    pub async fn flow(&self) -> std::io::Result<TcpStream> {
+    pub async fn flow(&self) -> std::io::Result<Flow> {
         loop {
-            let Some(flow) = self.state().take() else {
+            let Some((stream, session, framed)) = self.state().take() else {
                 break;
             };
             self.changed.notify_one();
-            if still_open(&flow) {
-                return Ok(flow);
+            if still_open(&stream) {
+                return Ok(Flow {
+                    stream,
+                    session,
+                    framed,
+                });
             }
             debug!("a pooled flow was closed by home; opening another");
         }
-        tokio::time::timeout(OPEN_TIMEOUT, open_flow(self.home))
+        let (session, framed) = self.state().current();
+        let stream = tokio::time::timeout(OPEN_TIMEOUT, open_flow(self.home))
             .await
             .map_err(|_| {
                 std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     "home-agent did not take the flow",
                 )
-            })?
+            })??;
+        Ok(Flow {
+            stream,
+            session,
+            framed,
+        })
+    }
+
+    /// A framed flow whose connection ended cleanly both ways, so that home
+    /// waits for the next header on it. `open_timeout_lifted`: its relay ran
+    /// long enough to lift the open timeout, which is set again, so that a
+    /// home that has gone fails the next connection as a new flow would.
+    pub fn give_back(&self, flow: Flow, open_timeout_lifted: bool) {
+        let Some(session) = flow.session.filter(|_| flow.framed) else {
+            return;
+        };
+        if open_timeout_lifted
+            && let Err(e) =
+                socket2::SockRef::from(&flow.stream).set_tcp_user_timeout(Some(OPEN_TIMEOUT))
+        {
+            debug!(error = %e, "could not set a flow's open timeout again; closing it");
+            return;
+        }
+        let unused = self.state().returned(session, flow.stream, Instant::now());
+        drop(unused);
+        self.changed.notify_one();
     }
 
     /// Keeps the pool filled until `shutdown`.
@@ -295,6 +361,17 @@ impl FlowPool {
     }
 }
 
+/// A flow to home, lent to one connection.
+#[derive(Debug)]
+pub struct Flow {
+    pub stream: TcpStream,
+    /// The session it was opened in, if any.
+    session: Option<u64>,
+    /// Home reads framed flows: send a version 2 header and frames, and
+    /// give the flow back after a clean end.
+    pub framed: bool,
+}
+
 /// Opens a flow to home's flow port through the tunnel.
 async fn open_flow(home: SocketAddr) -> std::io::Result<TcpStream> {
     let socket = tokio::net::TcpSocket::new_v4()?;
@@ -313,25 +390,27 @@ async fn open_flow(home: SocketAddr) -> std::io::Result<TcpStream> {
 /// timeout (home had [`OPEN_TIMEOUT`] to acknowledge the flow's first
 /// bytes; the check runs at a retransmission, so it is given as long
 /// again), lifts it, so that later a long outage of the home link stalls
-/// the flow instead of ending it, as TCP does by default.
-pub async fn confirm_after_open_timeout<F>(flow: &TcpStream, relay: F) -> F::Output
+/// the flow instead of ending it, as TCP does by default. Also says
+/// whether it was lifted.
+pub async fn confirm_after_open_timeout<F>(flow: &TcpStream, relay: F) -> (F::Output, bool)
 where
     F: std::future::Future,
 {
     tokio::pin!(relay);
     tokio::select! {
-        out = &mut relay => out,
+        out = &mut relay => (out, false),
         () = tokio::time::sleep(2 * OPEN_TIMEOUT) => {
             if let Err(e) = socket2::SockRef::from(flow).set_tcp_user_timeout(None) {
                 debug!(error = %e, "could not lift a flow's open timeout; it ends after 10 s without acknowledgements");
             }
-            relay.await
+            (relay.await, true)
         }
     }
 }
 
-/// Home sends nothing on a flow before its header, so anything to read
-/// (the end of the stream, an error) means home has closed it.
+/// Home sends nothing on a flow before its header (nor, on a framed flow,
+/// after its end-of-stream frame), so anything to read (the end of the
+/// stream, an error) means home has closed it.
 fn still_open(flow: &TcpStream) -> bool {
     let mut byte = [MaybeUninit::<u8>::uninit()];
     matches!(
@@ -359,13 +438,13 @@ mod tests {
     fn a_session_fills_the_pool_once() {
         let now = Instant::now();
         let mut st = state();
-        st.start_session();
+        st.start_session(true);
         assert_eq!(st.to_open(now), Some((1, 3)));
         // Being opened counts: no second round.
         assert_eq!(st.to_open(now), None);
         assert_eq!(st.opened(1, 10, now), None);
         assert_eq!(st.opened(1, 11, now), None);
-        assert_eq!(st.take(), Some(10));
+        assert_eq!(st.take(), Some((11, Some(1), true)), "the newest first");
         assert_eq!(st.to_open(now), Some((1, 1)));
     }
 
@@ -373,10 +452,10 @@ mod tests {
     fn flows_of_an_ended_session_are_handed_back() {
         let now = Instant::now();
         let mut st = state();
-        st.start_session();
+        st.start_session(true);
         let (first, _) = st.to_open(now).unwrap();
         st.opened(first, 1, now);
-        assert_eq!(st.start_session(), vec![1]);
+        assert_eq!(st.start_session(true), vec![1]);
         // Still opening for the first session when the second started.
         assert_eq!(st.opened(first, 2, now), Some(2));
         assert_eq!(st.take(), None);
@@ -385,18 +464,66 @@ mod tests {
         assert_eq!(st.opened(2, 4, now), Some(4));
         assert_eq!(st.to_open(now), None);
         // An old session's failure neither delays nor counts in a new one.
-        st.start_session();
+        st.start_session(true);
         assert_eq!(st.to_open(now), Some((3, 3)));
         st.failed(2, now);
         assert_eq!(st.next_deadline(), None);
         assert_eq!(st.to_open(now), None, "still three opening");
     }
 
+    /// Framed flows come back after their connection and are handed out
+    /// again; not to another session, not beyond the cap, not unframed.
+    #[test]
+    fn returned_flows_are_reused_within_their_session() {
+        let t0 = Instant::now();
+        let mut st = state();
+        st.start_session(true);
+        st.to_open(t0);
+        st.opened(1, 1, t0);
+        assert_eq!(st.take(), Some((1, Some(1), true)));
+        assert_eq!(st.current(), (Some(1), true));
+        assert_eq!(st.returned(1, 1, t0), None);
+        assert_eq!(st.take(), Some((1, Some(1), true)), "the same flow again");
+        for f in 0..MAX_IDLE {
+            assert_eq!(st.returned(1, u32::try_from(f).unwrap(), t0), None);
+        }
+        assert_eq!(st.returned(1, 99, t0), Some(99), "beyond the cap");
+        st.start_session(true);
+        assert_eq!(st.returned(1, 5, t0), Some(5), "from an ended session");
+        st.start_session(false);
+        assert_eq!(st.current(), (Some(3), false));
+        assert_eq!(st.returned(3, 6, t0), Some(6), "home reads only raw flows");
+        st.end_session();
+        assert_eq!(st.current(), (None, false));
+    }
+
+    /// Flows the load no longer needs sit at the front and age out;
+    /// the ones in use keep coming back to the back.
+    #[test]
+    fn surplus_flows_age_out_while_others_are_reused() {
+        let t0 = Instant::now();
+        let mut st = state();
+        st.start_session(true);
+        st.to_open(t0);
+        for f in 1..=3 {
+            st.opened(1, f, t0);
+        }
+        let mut t = t0;
+        for _ in 0..10 {
+            t += Duration::from_secs(10);
+            let (f, ..) = st.take().unwrap();
+            assert_eq!(f, 3, "the newest flow is reused");
+            st.returned(1, f, t);
+        }
+        assert_eq!(st.expire(t0 + Duration::from_secs(60)), vec![1, 2]);
+        assert_eq!(st.idle(), 1);
+    }
+
     #[test]
     fn old_flows_age_out_oldest_first() {
         let t0 = Instant::now();
         let mut st = state();
-        st.start_session();
+        st.start_session(true);
         st.to_open(t0);
         st.opened(1, 1, t0);
         st.opened(1, 2, t0 + Duration::from_secs(30));
@@ -404,14 +531,14 @@ mod tests {
         assert!(st.expire(t0 + Duration::from_secs(59)).is_empty());
         assert_eq!(st.expire(t0 + Duration::from_secs(60)), vec![1]);
         assert_eq!(st.next_deadline(), Some(t0 + Duration::from_secs(90)));
-        assert_eq!(st.take(), Some(2));
+        assert_eq!(st.take().map(|(f, ..)| f), Some(2));
     }
 
     #[test]
     fn failures_back_off_and_a_success_resets_the_wait() {
         let t0 = Instant::now();
         let mut st = state();
-        st.start_session();
+        st.start_session(true);
         assert_eq!(st.to_open(t0), Some((1, 3)));
         // Three attempts fail together: one wait, not three.
         st.failed(1, t0);
@@ -436,7 +563,7 @@ mod tests {
     fn the_wait_stops_growing() {
         let mut t = Instant::now();
         let mut st = state();
-        st.start_session();
+        st.start_session(true);
         for _ in 0..20 {
             st.to_open(t);
             st.failed(1, t);
@@ -454,7 +581,7 @@ mod tests {
         let pool = Arc::new(FlowPool::with_size(home, 2, Duration::from_secs(60)));
         let stop = CancellationToken::new();
         tokio::spawn(pool.clone().run(stop.clone()));
-        pool.start_session();
+        pool.start_session(false);
         let (mut a, _) = listener.accept().await.unwrap();
         let (b, _) = listener.accept().await.unwrap();
         while pool.idle() < 2 {
@@ -463,7 +590,12 @@ mod tests {
         // "Home" closes one of them; the other is handed out.
         drop(b);
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let mut flow = pool.flow().await.unwrap();
+        let Flow {
+            stream: mut flow,
+            framed,
+            ..
+        } = pool.flow().await.unwrap();
+        assert!(!framed, "the session did not agree on framed flows");
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         flow.write_all(b"hello").await.unwrap();
         let mut got = [0u8; 5];
@@ -475,7 +607,7 @@ mod tests {
         while pool.idle() < 2 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        pool.start_session();
+        pool.start_session(false);
         let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut got))
             .await
             .expect("the old session's flow was not closed")

@@ -71,8 +71,10 @@ impl EdgeOptions {
 /// share one range of ports. Unless the kernel may reuse them
 /// (`tcp_tw_reuse=1`, as the edge image sets), the range lasts about
 /// `range / 60 s` new flows a second (470 with Linux's defaults), and
-/// flows beyond that fail. Says so at start rather than changing a
-/// system-wide setting on someone's server.
+/// flows beyond that fail. A home-agent that reads framed flows reuses
+/// them, so this matters for bursts beyond the flow pool and for older
+/// home-agents. Says so at start rather than changing a system-wide
+/// setting on someone's server.
 fn check_time_wait_reuse() {
     const PATH: &str = "/proc/sys/net/ipv4/tcp_tw_reuse";
     match std::fs::read_to_string(PATH) {

@@ -1,8 +1,9 @@
 //! Moving public flows into the tunnel.
 //!
-//! TCP: each accepted connection becomes a TCP connection to the home-agent
-//! through the tunnel, opened with a flow header; bytes then go both ways,
-//! half-closes included. UDP: each datagram is sent to the home-agent with
+//! TCP: each accepted connection takes a TCP flow to the home-agent through
+//! the tunnel (see [`crate::flow_pool`]) and sends a flow header; bytes then
+//! go both ways, half-closes included. A framed flow (home reads them)
+//! goes back to the pool when its connection has ended cleanly. UDP: each datagram is sent to the home-agent with
 //! a datagram header; replies come back by flow id.
 
 use std::collections::HashMap;
@@ -12,7 +13,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use quinn_udp::UdpSocketState;
-use skerry::flow::{DatagramHeader, FlowHeader, MAX_DATAGRAM_HEADER_LEN};
+use skerry::flow::{
+    DatagramHeader, END_OF_STREAM, FlowHeader, MAX_DATAGRAM_HEADER_LEN, MAX_EARLY_DATA,
+    frame_header,
+};
 use skerry::portmap::Protocol;
 use skerry::udp_batch::{self, GSO_MAX_BYTES, RecvBatch};
 use tokio::io::AsyncWriteExt;
@@ -24,8 +28,6 @@ use crate::flow_pool::FlowPool;
 use crate::ports::PortShared;
 use crate::udp_flows::FlowTable;
 
-/// Client bytes sent along with a TCP flow's header, at most.
-const EARLY_DATA: usize = 4096;
 /// Largest UDP payload read from a public socket.
 const MAX_UDP_PAYLOAD: usize = 65507;
 
@@ -166,9 +168,10 @@ async fn tcp_flow(
     ctx: &RelayContext,
 ) -> std::io::Result<()> {
     // TCP_NODELAY comes from the listener (see `ports::bind_public_tcp`).
-    let mut home = ctx.pool.flow().await?;
-    let mut header = Vec::with_capacity(skerry::flow::MAX_FLOW_HEADER_LEN + EARLY_DATA);
+    let mut flow = ctx.pool.flow().await?;
+    let mut header = Vec::with_capacity(skerry::flow::MAX_FLOW_HEADER_LEN + 2 + MAX_EARLY_DATA);
     FlowHeader {
+        framed: flow.framed,
         protocol: Protocol::Tcp,
         public_port,
         client,
@@ -176,21 +179,47 @@ async fn tcp_flow(
     .encode(&mut header);
     // What the client has sent (its request, usually: it follows the
     // handshake's last ACK by microseconds, before this task runs) goes in
-    // the same segment as the header.
-    let at = header.len();
-    header.resize(at + EARLY_DATA, 0);
-    match client_stream.try_read(&mut header[at..]) {
-        Ok(n) => header.truncate(at + n),
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => header.truncate(at),
+    // the same segment as the header; framed, behind its length.
+    let prefix = if flow.framed { END_OF_STREAM.len() } else { 0 };
+    let at = header.len() + prefix;
+    header.resize(at + MAX_EARLY_DATA, 0);
+    let n = match client_stream.try_read(&mut header[at..]) {
+        Ok(n) => n,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
         Err(e) => return Err(e),
+    };
+    if n == 0 {
+        header.truncate(at - prefix);
+    } else {
+        if flow.framed {
+            header[at - prefix..at].copy_from_slice(&frame_header(n));
+        }
+        header.truncate(at + n);
     }
-    home.write_all(&header).await?;
-    let (up, down) = crate::flow_pool::confirm_after_open_timeout(
-        &home,
-        skerry::relay::relay_tcp(&client_stream, &home),
+    flow.stream.write_all(&header).await?;
+    let home = &flow.stream;
+    if !flow.framed {
+        let (moved, _) = crate::flow_pool::confirm_after_open_timeout(
+            home,
+            skerry::relay::relay_tcp(&client_stream, home),
+        )
+        .await;
+        let (up, down) = moved?;
+        trace!(up, down, "flow closed");
+        return Ok(());
+    }
+    let (ended, lifted) = crate::flow_pool::confirm_after_open_timeout(
+        home,
+        skerry::relay::relay_framed(&client_stream, home, Vec::new()),
     )
-    .await?;
-    trace!(up, down, "flow closed");
+    .await;
+    let ended = ended?;
+    trace!(up = ended.sent, down = ended.received, "connection closed");
+    if ended.after_end.is_empty() {
+        ctx.pool.give_back(flow, lifted);
+    } else {
+        debug!("home sent bytes after its end of stream; flow closed");
+    }
     Ok(())
 }
 

@@ -12,11 +12,12 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use skerry::flow::{
-    DatagramHeader, FLOW_HEADER_WAIT, FlowHeader, MAX_DATAGRAM_HEADER_LEN, MAX_FLOW_HEADER_LEN,
+    DatagramHeader, FLOW_HEADER_WAIT, FlowHeader, MAX_DATAGRAM_HEADER_LEN, MAX_EARLY_DATA,
+    MAX_FLOW_HEADER_LEN,
 };
 use skerry::portmap::{PortMap, Protocol};
 use skerry::udp_batch::{self, RecvBatch};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span, trace, warn};
@@ -137,75 +138,115 @@ pub async fn tcp_flows(listener: TcpListener, fwd: Arc<Forwarding>, shutdown: Ca
     }
 }
 
-/// `tunnel` has TCP_NODELAY from the flow listener.
-async fn tcp_flow(mut tunnel: TcpStream, fwd: &Forwarding) -> anyhow::Result<()> {
-    let mut buf = [0u8; MAX_FLOW_HEADER_LEN];
-    let mut have = 0;
-    // The edge may have opened this flow ahead of the connection that will
-    // use it (its flow pool), so the header can be minutes away.
-    let header = tokio::time::timeout(FLOW_HEADER_WAIT, async {
-        loop {
-            if let Some(h) = FlowHeader::decode(&buf[..have])? {
-                return anyhow::Ok(Some(h));
-            }
-            if have == buf.len() {
-                anyhow::bail!("flow header too long");
-            }
-            let n = tunnel.read(&mut buf[have..]).await?;
-            if n == 0 && have == 0 {
-                // A pooled flow the edge no longer needs.
-                return Ok(None);
-            }
-            if n == 0 {
-                anyhow::bail!("tunnel flow closed inside its header");
-            }
-            have += n;
-        }
-    })
-    .await
-    .map_err(|_| anyhow::anyhow!("no flow header within {FLOW_HEADER_WAIT:?}"))??;
-    let Some((header, used)) = header else {
-        trace!("unused pooled flow closed by the edge");
-        return Ok(());
-    };
-    let early = buf[used..have].to_vec();
-    let span = debug_span!("flow", port = header.public_port, client = %header.client);
-    async move {
-        let map = fwd.map();
-        let Some(spec) = map.lookup(Protocol::Tcp, header.public_port) else {
-            debug!("no target for this port (removed?); flow closed");
+/// One flow from the edge: a raw flow carries one connection; a framed one
+/// carries connections one after another, each opened by its own header,
+/// until the edge closes it. `tunnel` has TCP_NODELAY from the flow listener.
+async fn tcp_flow(tunnel: TcpStream, fwd: &Forwarding) -> anyhow::Result<()> {
+    let mut pending = Vec::new();
+    loop {
+        // The edge may have opened this flow ahead of the connection that
+        // will use it (its flow pool), or keep it for the next one, so the
+        // header can be minutes away.
+        let header =
+            tokio::time::timeout(FLOW_HEADER_WAIT, read_flow_header(&tunnel, &mut pending))
+                .await
+                .map_err(|_| anyhow::anyhow!("no flow header within {FLOW_HEADER_WAIT:?}"))??;
+        let Some(header) = header else {
+            trace!("unused flow closed by the edge");
             return Ok(());
         };
-        let Some(target) = spec.target_for(header.public_port) else {
-            return Ok(());
-        };
-        let proxy = spec.proxy;
-        drop(map);
-        let _guard = FlowGuard::new(fwd, (Protocol::Tcp, header.public_port));
-        let mut out = tokio::time::timeout(TARGET_CONNECT_TIMEOUT, TcpStream::connect(target))
-            .await
-            .map_err(|_| anyhow::anyhow!("target {target} did not answer"))?
-            .map_err(|e| anyhow::anyhow!("target {target}: {e}"))?;
-        out.set_nodelay(true)?;
-        if let Some(v) = proxy {
-            let dest = fwd.public_dest(header.client, header.public_port);
-            out.write_all(&proxy_protocol::header(
-                v,
-                Protocol::Tcp,
-                header.client,
-                dest,
-            ))
+        let span = debug_span!("flow", port = header.public_port, client = %header.client);
+        let after = std::mem::take(&mut pending);
+        pending = tcp_connection(&tunnel, header, after, fwd)
+            .instrument(span)
             .await?;
+        if !header.framed {
+            return Ok(());
         }
+    }
+}
+
+/// Reads a flow header, `pending` first; leaves the bytes after it in
+/// `pending`. `None` if the edge closed the flow before a header began.
+async fn read_flow_header(
+    tunnel: &TcpStream,
+    pending: &mut Vec<u8>,
+) -> anyhow::Result<Option<FlowHeader>> {
+    loop {
+        if let Some((header, used)) = FlowHeader::decode(pending)? {
+            pending.drain(..used);
+            return Ok(Some(header));
+        }
+        if pending.len() >= MAX_FLOW_HEADER_LEN {
+            anyhow::bail!("flow header too long");
+        }
+        tunnel.readable().await?;
+        // The header and the client's first bytes, which the edge sends
+        // in one segment, are taken in one read: the target then gets the
+        // request in one write. Not held across the wait, so an idle flow's
+        // task keeps no buffer.
+        let mut buf = [0u8; MAX_FLOW_HEADER_LEN + 2 + MAX_EARLY_DATA];
+        let n = match tunnel.try_read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if n == 0 && pending.is_empty() {
+            return Ok(None);
+        }
+        if n == 0 {
+            anyhow::bail!("tunnel flow closed inside its header");
+        }
+        pending.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// One connection to its target; `early` holds the tunnel bytes read past
+/// its header. Returns those read past its end (framed flows only): the
+/// start of the next header. An error closes the flow, which tells the
+/// edge to drop the client's connection.
+async fn tcp_connection(
+    tunnel: &TcpStream,
+    header: FlowHeader,
+    early: Vec<u8>,
+    fwd: &Forwarding,
+) -> anyhow::Result<Vec<u8>> {
+    let map = fwd.map();
+    let Some(spec) = map.lookup(Protocol::Tcp, header.public_port) else {
+        anyhow::bail!("no target for this port (removed?); flow closed");
+    };
+    let Some(target) = spec.target_for(header.public_port) else {
+        anyhow::bail!("no target for this port; flow closed");
+    };
+    let proxy = spec.proxy;
+    drop(map);
+    let _guard = FlowGuard::new(fwd, (Protocol::Tcp, header.public_port));
+    let mut out = tokio::time::timeout(TARGET_CONNECT_TIMEOUT, TcpStream::connect(target))
+        .await
+        .map_err(|_| anyhow::anyhow!("target {target} did not answer"))?
+        .map_err(|e| anyhow::anyhow!("target {target}: {e}"))?;
+    out.set_nodelay(true)?;
+    if let Some(v) = proxy {
+        let dest = fwd.public_dest(header.client, header.public_port);
+        out.write_all(&proxy_protocol::header(
+            v,
+            Protocol::Tcp,
+            header.client,
+            dest,
+        ))
+        .await?;
+    }
+    if !header.framed {
         if !early.is_empty() {
             out.write_all(&early).await?;
         }
-        let (up, down) = skerry::relay::relay_tcp(&tunnel, &out).await?;
+        let (up, down) = skerry::relay::relay_tcp(tunnel, &out).await?;
         trace!(%target, up, down, "flow closed");
-        Ok(())
+        return Ok(Vec::new());
     }
-    .instrument(span)
-    .await
+    let ended = skerry::relay::relay_framed(&out, tunnel, early).await?;
+    trace!(%target, up = ended.received, down = ended.sent, "connection closed");
+    Ok(ended.after_end)
 }
 
 struct UdpFlow {

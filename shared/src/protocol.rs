@@ -21,7 +21,12 @@ use crate::tunnel::TunnelAddrs;
 
 /// Message protocol versions this build speaks.
 pub const MIN_VERSION: u16 = 1;
-pub const MAX_VERSION: u16 = 1;
+pub const MAX_VERSION: u16 = 2;
+/// From this version on, the edge opens framed, reusable TCP flows (flow
+/// header version 2, see [`crate::flow`]). The messages are those of
+/// version 1: the version tells the edge that home reads such flows, so an
+/// edge image and a home-agent of different releases still agree.
+pub const FRAMED_FLOWS_VERSION: u16 = 2;
 /// Longest free-text field we accept from a peer.
 pub const MAX_TEXT_LEN: usize = 256;
 
@@ -297,6 +302,8 @@ pub enum EdgeAction {
     /// Accept tunnel packets from this key from now on, and send the reply.
     Established {
         home_key: [u8; 32],
+        /// The version agreed: it says which TCP flows home reads.
+        version: u16,
         reply: Message,
     },
     /// Make the listeners match this map, then send [`EdgeSession::applied`].
@@ -338,6 +345,7 @@ impl EdgeSession {
                 self.state = EdgeState::Established;
                 Ok(EdgeAction::Established {
                     home_key: h.wireguard_key,
+                    version,
                     reply: Message::Welcome(Welcome {
                         version,
                         wireguard_key: self.info.wireguard_key,
@@ -405,10 +413,16 @@ mod tests {
     fn pair_establishes_and_applies() {
         let (mut home, hello) = HomeSession::start([1; 32]);
         let mut edge = EdgeSession::new(info());
-        let EdgeAction::Established { home_key, reply } = edge.handle(wire(&hello)).unwrap() else {
+        let EdgeAction::Established {
+            home_key,
+            version,
+            reply,
+        } = edge.handle(wire(&hello)).unwrap()
+        else {
             panic!("edge did not establish");
         };
         assert_eq!(home_key, [1; 32]);
+        assert_eq!(version, MAX_VERSION);
         let HomeEvent::Established(w) = home.handle(wire(&reply)).unwrap() else {
             panic!("home did not establish");
         };
@@ -460,6 +474,29 @@ mod tests {
         ));
         let (home, _) = HomeSession::start([0; 32]);
         assert!(home.apply(1, vec![], 30).is_err());
+    }
+
+    /// A home-agent of the release before framed flows: the edge agrees on
+    /// version 1, so it will open raw flows, the only ones that home reads.
+    #[test]
+    fn an_older_home_gets_version_1() {
+        let mut edge = EdgeSession::new(info());
+        let action = edge
+            .handle(Message::Hello(Hello {
+                min_version: 1,
+                max_version: 1,
+                wireguard_key: [1; 32],
+                agent: "home-agent 0.1".into(),
+            }))
+            .unwrap();
+        let EdgeAction::Established { version, reply, .. } = action else {
+            panic!("edge did not establish");
+        };
+        assert_eq!(version, 1);
+        assert!(matches!(
+            reply,
+            Message::Welcome(Welcome { version: 1, .. })
+        ));
     }
 
     #[test]

@@ -8,6 +8,12 @@
 //! messages (requests, replies, keystrokes) are copied: fewer and cheaper
 //! system calls per message. A half-close is passed on: the end of one
 //! side's stream becomes a write shutdown of the other.
+//!
+//! A framed flow (flow version 2, see [`crate::flow`]) is relayed by
+//! [`relay_framed`]: the same copies and splices, with a length prefix
+//! before each chunk that enters the tunnel and the prefixes taken out of
+//! what leaves it. There the end of a stream is a frame, not a half-close
+//! of the in-tunnel flow, which stays open for the next connection.
 
 use std::io;
 use std::net::Shutdown;
@@ -18,6 +24,8 @@ use nix::fcntl::{OFlag, SpliceFFlags, splice};
 use nix::sys::socket::{self, MsgFlags};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+
+use crate::flow::{END_OF_STREAM, FrameDecoder, FrameEvent, MAX_FRAME, frame_header};
 
 /// Bytes asked for per splice: a pipe's default capacity (16 pages).
 const SPLICE_CHUNK: usize = 64 * 1024;
@@ -30,7 +38,61 @@ const SPLICE_CHUNK: usize = 64 * 1024;
 /// the sockets meanwhile (the edge lifts a flow's open timeout) without a
 /// second descriptor per flow.
 pub async fn relay_tcp(a: &TcpStream, b: &TcpStream) -> io::Result<(u64, u64)> {
-    let (a_to_b, b_to_a) = match (Pipe::take(), Pipe::take()) {
+    let (a_to_b, b_to_a) = two_pipes();
+    let moved = tokio::try_join!(
+        one_way(a, b, a_to_b.as_ref()),
+        one_way(b, a, b_to_a.as_ref())
+    );
+    if moved.is_ok() {
+        give_back([a_to_b, b_to_a]);
+    }
+    moved
+}
+
+/// How a framed flow's connection ended: both directions cleanly.
+#[derive(Debug)]
+pub struct FramedEnd {
+    /// Payload bytes plain → tunnel and tunnel → plain.
+    pub sent: u64,
+    pub received: u64,
+    /// Tunnel bytes read past the peer's end-of-stream frame: the start of
+    /// whatever the flow carries next.
+    pub after_end: Vec<u8>,
+}
+
+/// Relays one connection over a framed flow until both directions have
+/// ended: what `plain` sends goes into `tunnel` as frames, ended by an
+/// end-of-stream frame when `plain` ends; frames from `tunnel` go to
+/// `plain`, whose write side is shut down at the peer's end-of-stream frame.
+/// `pending` holds tunnel bytes already read (those after the flow header).
+///
+/// A tunnel that ends before its end-of-stream frame is an error: the peer
+/// gave up on the connection.
+pub async fn relay_framed(
+    plain: &TcpStream,
+    tunnel: &TcpStream,
+    pending: Vec<u8>,
+) -> io::Result<FramedEnd> {
+    let (out_pipe, in_pipe) = two_pipes();
+    let moved = tokio::try_join!(
+        frame_out(plain, tunnel, out_pipe.as_ref()),
+        unframe_in(tunnel, plain, in_pipe.as_ref(), pending)
+    );
+    if moved.is_ok() {
+        give_back([out_pipe, in_pipe]);
+    }
+    let (sent, (received, after_end)) = moved?;
+    Ok(FramedEnd {
+        sent,
+        received,
+        after_end,
+    })
+}
+
+/// A pipe per direction, or none at all (out of descriptors): then both
+/// directions copy.
+fn two_pipes() -> (Option<Pipe>, Option<Pipe>) {
+    match (Pipe::take(), Pipe::take()) {
         (Ok(x), Ok(y)) => (Some(x), Some(y)),
         (one, other) => {
             tracing::debug!("no pipe for splice; relaying by copy");
@@ -39,19 +101,15 @@ pub async fn relay_tcp(a: &TcpStream, b: &TcpStream) -> io::Result<(u64, u64)> {
             }
             (None, None)
         }
-    };
-    let moved = tokio::try_join!(
-        one_way(a, b, a_to_b.as_ref()),
-        one_way(b, a, b_to_a.as_ref())
-    );
-    // Both directions ran to their end, so both pipes are empty. After an
-    // error a pipe may still hold bytes, and it is closed instead.
-    if moved.is_ok() {
-        for pipe in [a_to_b, b_to_a].into_iter().flatten() {
-            pipe.give_back();
-        }
     }
-    moved
+}
+
+/// Both directions ran to their end, so both pipes are empty. After an
+/// error a pipe may still hold bytes, and it is closed instead.
+fn give_back(pipes: [Option<Pipe>; 2]) {
+    for pipe in pipes.into_iter().flatten() {
+        pipe.give_back();
+    }
 }
 
 /// Empty pipes kept for the next flows: short-lived connections would
@@ -112,16 +170,12 @@ async fn one_way(from: &TcpStream, to: &TcpStream, pipe: Option<&Pipe>) -> io::R
         // its bytes keep coming.
         tokio::task::consume_budget().await;
         let n = match pipe {
-            Some(pipe) if !copying => splice_through(from, to, pipe).await?,
-            _ => copy_once(from, to).await?,
+            Some(pipe) if !copying => splice_through(from, to, pipe, false).await?,
+            _ => copy_once(from, to, false).await?,
         };
         if n == 0 {
             // The other side sees end-of-stream after everything sent before it.
-            match socket2::SockRef::from(to).shutdown(Shutdown::Write) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
-                Err(e) => return Err(e),
-            }
+            shutdown_write(to)?;
             return Ok(total);
         }
         copying = n < COPY_CHUNK;
@@ -129,20 +183,191 @@ async fn one_way(from: &TcpStream, to: &TcpStream, pipe: Option<&Pipe>) -> io::R
     }
 }
 
+fn shutdown_write(to: &TcpStream) -> io::Result<()> {
+    match socket2::SockRef::from(to).shutdown(Shutdown::Write) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// `from` → `to` as frames until `from` ends, then the end-of-stream frame;
+/// `to` stays open. Copies and splices as [`one_way`] does.
+async fn frame_out(from: &TcpStream, to: &TcpStream, pipe: Option<&Pipe>) -> io::Result<u64> {
+    let mut total = 0u64;
+    let mut copying = true;
+    loop {
+        tokio::task::consume_budget().await;
+        let n = match pipe {
+            Some(pipe) if !copying => splice_through(from, to, pipe, true).await?,
+            _ => copy_once(from, to, true).await?,
+        };
+        if n == 0 {
+            send_all(to, &END_OF_STREAM, MsgFlags::empty()).await?;
+            return Ok(total);
+        }
+        copying = n < COPY_CHUNK;
+        total += n as u64;
+    }
+}
+
+/// Frames from `from` → their payload to `to`, until the end-of-stream
+/// frame; then half-closes `to` and returns the bytes read past that frame.
+/// `pending` is decoded first.
+///
+/// Small frames are read [`COPY_CHUNK`] at a time and copied. The rest of
+/// a long frame's payload is spliced, exactly as much as the frame has
+/// left, so the splice never takes the next prefix; after a long frame
+/// only the next prefix is read, so that its payload can be spliced too.
+async fn unframe_in(
+    from: &TcpStream,
+    to: &TcpStream,
+    pipe: Option<&Pipe>,
+    pending: Vec<u8>,
+) -> io::Result<(u64, Vec<u8>)> {
+    let mut decoder = FrameDecoder::default();
+    let mut total = 0u64;
+    let mut unsent = Vec::new();
+    let mut ended = deliver(&mut decoder, &pending, to, &mut unsent, &mut total)?;
+    loop {
+        send_all(to, &unsent, MsgFlags::empty()).await?;
+        unsent.clear();
+        if let Some(after_end) = ended {
+            shutdown_write(to)?;
+            return Ok((total, after_end));
+        }
+        tokio::task::consume_budget().await;
+        let left = decoder.payload_left();
+        if let Some(pipe) = pipe
+            && left >= COPY_CHUNK
+        {
+            let n = splice_in(from, pipe, left.min(SPLICE_CHUNK)).await?;
+            if n == 0 {
+                return Err(ended_inside_frame());
+            }
+            splice_out(pipe, to, n).await?;
+            decoder.take_payload(n);
+            total += n as u64;
+            continue;
+        }
+        let want = if pipe.is_some() && decoder.last_frame_len() >= COPY_CHUNK {
+            decoder.prefix_missing()
+        } else {
+            0
+        };
+        let want = if want == 0 { COPY_CHUNK } else { want };
+        ended = read_frames(from, to, want, &mut decoder, &mut unsent, &mut total).await?;
+    }
+}
+
+/// One read of at most `want` bytes from `from`, decoded; payload written
+/// to `to` as far as it takes it at once, the rest left in `unsent`.
+/// The bytes after an end-of-stream frame, if one was read.
+async fn read_frames(
+    from: &TcpStream,
+    to: &TcpStream,
+    want: usize,
+    decoder: &mut FrameDecoder,
+    unsent: &mut Vec<u8>,
+    total: &mut u64,
+) -> io::Result<Option<Vec<u8>>> {
+    loop {
+        from.readable().await?;
+        let mut buf = [0u8; COPY_CHUNK];
+        let want = want.min(COPY_CHUNK);
+        let mut n = 0;
+        let read = from.try_io(Interest::READABLE, || {
+            n = recv(from, &mut buf[..want])?;
+            // As in copy_once: a short read drained the socket.
+            if n > 0 && n < want {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(())
+        });
+        match read {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && n > 0 => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+        if n == 0 {
+            return Err(ended_inside_frame());
+        }
+        return deliver(decoder, &buf[..n], to, unsent, total);
+    }
+}
+
+/// Decodes `bytes`: payload to `to` (what it does not take at once, and
+/// everything after that, into `unsent`). The bytes after an end-of-stream
+/// frame, if `bytes` completes one.
+fn deliver(
+    decoder: &mut FrameDecoder,
+    mut bytes: &[u8],
+    to: &TcpStream,
+    unsent: &mut Vec<u8>,
+    total: &mut u64,
+) -> io::Result<Option<Vec<u8>>> {
+    loop {
+        match decoder.decode(bytes) {
+            FrameEvent::Payload(n) => {
+                let (payload, rest) = bytes.split_at(n);
+                bytes = rest;
+                *total += n as u64;
+                let mut sent = 0;
+                while unsent.is_empty() && sent < payload.len() {
+                    match to.try_write(&payload[sent..]) {
+                        Ok(m) => sent += m,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => return Err(e),
+                    }
+                }
+                unsent.extend_from_slice(&payload[sent..]);
+            }
+            FrameEvent::Prefix(n) => bytes = &bytes[n..],
+            FrameEvent::End(n) => return Ok(Some(bytes[n..].to_vec())),
+            FrameEvent::Empty => return Ok(None),
+        }
+    }
+}
+
+fn ended_inside_frame() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the tunnel flow ended before its end-of-stream frame",
+    )
+}
+
+/// Writes all of `bytes` to `to`, waiting for room as needed.
+async fn send_all(to: &TcpStream, bytes: &[u8], flags: MsgFlags) -> io::Result<()> {
+    let mut sent = 0;
+    while sent < bytes.len() {
+        let m = to
+            .async_io(Interest::WRITABLE, || send_flags(to, &bytes[sent..], flags))
+            .await?;
+        if m == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        sent += m;
+    }
+    Ok(())
+}
+
 /// One read of at most [`COPY_CHUNK`] bytes from `from`, all of it written
-/// to `to`; the bytes read (0 at end of stream).
+/// to `to` (behind a frame's length prefix if `framed`); the bytes read
+/// (0 at end of stream, and nothing written).
 ///
 /// The copy buffer is on the stack and never held across an `.await`, so a
 /// waiting flow (most flows, most of the time) keeps no buffer: a relay's
 /// state is a few hundred bytes, not 8 KiB. Only what `to` cannot take at
 /// once is kept, in a heap copy, until it can.
-async fn copy_once(from: &TcpStream, to: &TcpStream) -> io::Result<usize> {
+async fn copy_once(from: &TcpStream, to: &TcpStream, framed: bool) -> io::Result<usize> {
+    let at = if framed { END_OF_STREAM.len() } else { 0 };
     let (n, unsent) = loop {
         from.readable().await?;
-        let mut buf = [0u8; COPY_CHUNK];
+        let mut buf = [0u8; END_OF_STREAM.len() + COPY_CHUNK];
         let mut n = 0;
         let read = from.try_io(Interest::READABLE, || {
-            n = recv(from, &mut buf)?;
+            n = recv(from, &mut buf[at..at + COPY_CHUNK])?;
             // A short read drained the socket. Saying "would block" makes
             // tokio clear the readiness, as its own `read` does, so the next
             // wait sleeps instead of calling `recv` to find nothing; `n`
@@ -158,26 +383,24 @@ async fn copy_once(from: &TcpStream, to: &TcpStream) -> io::Result<usize> {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         }
+        if n == 0 {
+            return Ok(0);
+        }
+        if framed {
+            buf[..at].copy_from_slice(&frame_header(n));
+        }
+        let out = &buf[..at + n];
         let mut sent = 0;
-        while sent < n {
-            match to.try_write(&buf[sent..n]) {
+        while sent < out.len() {
+            match to.try_write(&out[sent..]) {
                 Ok(m) => sent += m,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),
             }
         }
-        break (n, buf[sent..n].to_vec());
+        break (n, out[sent..].to_vec());
     };
-    let mut sent = 0;
-    while sent < unsent.len() {
-        let m = to
-            .async_io(Interest::WRITABLE, || send(to, &unsent[sent..]))
-            .await?;
-        if m == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        sent += m;
-    }
+    send_all(to, &unsent, MsgFlags::empty()).await?;
     Ok(n)
 }
 
@@ -185,17 +408,39 @@ fn recv(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     socket::recv(from.as_raw_fd(), buf, MsgFlags::empty()).map_err(io::Error::from)
 }
 
-fn send(to: &TcpStream, buf: &[u8]) -> io::Result<usize> {
-    socket::send(to.as_raw_fd(), buf, MsgFlags::MSG_NOSIGNAL).map_err(io::Error::from)
+fn send_flags(to: &TcpStream, buf: &[u8], flags: MsgFlags) -> io::Result<usize> {
+    socket::send(to.as_raw_fd(), buf, flags | MsgFlags::MSG_NOSIGNAL).map_err(io::Error::from)
 }
 
-/// One read from `from` into the pipe, and all of it on to `to`.
-async fn splice_through(from: &TcpStream, to: &TcpStream, pipe: &Pipe) -> io::Result<usize> {
-    let n = from
-        .async_io(Interest::READABLE, || {
-            splice_nonblocking(from, &pipe.write, SPLICE_CHUNK)
-        })
-        .await?;
+/// One read from `from` into the pipe, and all of it on to `to`; if
+/// `framed`, behind a frame's length prefix, sent with MSG_MORE so that it
+/// leaves in the same segment as the payload.
+async fn splice_through(
+    from: &TcpStream,
+    to: &TcpStream,
+    pipe: &Pipe,
+    framed: bool,
+) -> io::Result<usize> {
+    let n = splice_in(from, pipe, if framed { MAX_FRAME } else { SPLICE_CHUNK }).await?;
+    if n > 0 && framed {
+        // nix's MsgFlags does not name MSG_MORE.
+        let more = MsgFlags::from_bits_retain(nix::libc::MSG_MORE);
+        send_all(to, &frame_header(n), more).await?;
+    }
+    splice_out(pipe, to, n).await?;
+    Ok(n)
+}
+
+/// One splice of at most `len` bytes from `from` into the empty pipe.
+async fn splice_in(from: &TcpStream, pipe: &Pipe, len: usize) -> io::Result<usize> {
+    from.async_io(Interest::READABLE, || {
+        splice_nonblocking(from, &pipe.write, len)
+    })
+    .await
+}
+
+/// All `n` bytes in the pipe on to `to`.
+async fn splice_out(pipe: &Pipe, to: &TcpStream, n: usize) -> io::Result<()> {
     let mut left = n;
     while left > 0 {
         let m = to
@@ -208,7 +453,7 @@ async fn splice_through(from: &TcpStream, to: &TcpStream, pipe: &Pipe) -> io::Re
         }
         left -= m;
     }
-    Ok(n)
+    Ok(())
 }
 
 fn splice_nonblocking(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
@@ -230,16 +475,193 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (c, s)
+    }
+
     /// Two connected pairs over loopback: (outer client, relay end a) and
     /// (relay end b, outer server).
     async fn pairs() -> ((TcpStream, TcpStream), (TcpStream, TcpStream)) {
-        async fn pair() -> (TcpStream, TcpStream) {
-            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-            let (s, _) = l.accept().await.unwrap();
-            (c, s)
-        }
         (pair().await, pair().await)
+    }
+
+    /// One connection across a framed flow, as edge and home relay it:
+    /// client → [relay_framed] → tunnel → [relay_framed] → server. `up` goes
+    /// to the server, which answers with `down` after the client's
+    /// half-close. Both relays must end cleanly with nothing after the end.
+    async fn across_framed_flow(
+        tunnel: (&TcpStream, &TcpStream),
+        up: Vec<u8>,
+        down: Vec<u8>,
+    ) -> (FramedEnd, FramedEnd) {
+        let (mut client, edge_plain) = pair().await;
+        let (home_plain, mut server) = pair().await;
+        let client_side = async {
+            client.write_all(&up).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            assert!(
+                got == down,
+                "server → client: {} of {} bytes, or differing",
+                got.len(),
+                down.len()
+            );
+        };
+        let server_side = async {
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.unwrap();
+            assert!(
+                got == up,
+                "client → server: {} of {} bytes, or differing",
+                got.len(),
+                up.len()
+            );
+            server.write_all(&down).await.unwrap();
+            server.shutdown().await.unwrap();
+        };
+        let (edge, home, (), ()) = tokio::join!(
+            relay_framed(&edge_plain, tunnel.0, Vec::new()),
+            relay_framed(&home_plain, tunnel.1, Vec::new()),
+            client_side,
+            server_side
+        );
+        (edge.unwrap(), home.unwrap())
+    }
+
+    /// Connections one after the other over one in-tunnel flow, with sizes
+    /// that make both ends copy, splice and switch between them.
+    #[tokio::test]
+    async fn a_framed_flow_carries_one_connection_after_another() {
+        let (t_edge, t_home) = pair().await;
+        let cases = [
+            (0usize, 0usize),
+            (64, 64),
+            (1, 3_000_000),
+            (2_500_000, 10),
+            (70_000, 65_535),
+            (4096, 4097),
+        ];
+        for (i, (up_len, down_len)) in cases.into_iter().enumerate() {
+            let up: Vec<u8> = (0..up_len).map(|j| ((i * 31 + j) % 251) as u8).collect();
+            let down: Vec<u8> = (0..down_len).map(|j| ((i * 17 + j) % 241) as u8).collect();
+            let (edge, home) = across_framed_flow((&t_edge, &t_home), up, down).await;
+            assert_eq!(
+                (edge.sent, edge.received),
+                (up_len as u64, down_len as u64),
+                "connection {i} at the edge"
+            );
+            assert_eq!(
+                (home.sent, home.received),
+                (down_len as u64, up_len as u64),
+                "connection {i} at home"
+            );
+            assert!(
+                edge.after_end.is_empty() && home.after_end.is_empty(),
+                "connection {i}: bytes after the end"
+            );
+        }
+    }
+
+    /// Small frames to a server that stops reading: home's writes would
+    /// block part way, and every byte still arrives in order.
+    #[tokio::test]
+    async fn small_frames_to_a_stalled_reader_arrive_whole() {
+        let (t_edge, t_home) = pair().await;
+        let (mut client, edge_plain) = pair().await;
+        let (home_plain, mut server) = pair().await;
+        socket2::SockRef::from(&server)
+            .set_recv_buffer_size(4096)
+            .unwrap();
+        socket2::SockRef::from(&home_plain)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        let messages: Vec<Vec<u8>> = (0..60u32)
+            .map(|i| (0..3000u32).map(|j| ((i * 7 + j) % 253) as u8).collect())
+            .collect();
+        let expected: Vec<u8> = messages.concat();
+        let writer = async {
+            for m in &messages {
+                client.write_all(m).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            client.shutdown().await.unwrap();
+        };
+        let reader = async {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.unwrap();
+            assert!(
+                got == expected,
+                "{} of {} bytes, or differing",
+                got.len(),
+                expected.len()
+            );
+            server.shutdown().await.unwrap();
+        };
+        let (edge, home, (), ()) = tokio::join!(
+            relay_framed(&edge_plain, &t_edge, Vec::new()),
+            relay_framed(&home_plain, &t_home, Vec::new()),
+            writer,
+            reader
+        );
+        assert_eq!(edge.unwrap().sent, expected.len() as u64);
+        assert_eq!(home.unwrap().received, expected.len() as u64);
+    }
+
+    /// What follows the peer's end of stream (the next connection's header)
+    /// is handed back, not delivered.
+    #[tokio::test]
+    async fn bytes_after_the_end_are_handed_back() {
+        let (plain, mut server) = pair().await;
+        let (tunnel, mut peer) = pair().await;
+        let mut wire = frame_header(5).to_vec();
+        wire.extend_from_slice(b"hello");
+        wire.extend_from_slice(&END_OF_STREAM);
+        wire.extend_from_slice(b"next");
+        peer.write_all(&wire).await.unwrap();
+        server.shutdown().await.unwrap();
+        let end = relay_framed(&plain, &tunnel, b"".to_vec()).await.unwrap();
+        assert_eq!(end.received, 5);
+        assert_eq!(end.after_end, b"next");
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"hello");
+        let mut back = [0u8; 2];
+        peer.read_exact(&mut back).await.unwrap();
+        assert_eq!(
+            back, END_OF_STREAM,
+            "the server's end went into the tunnel as a frame"
+        );
+    }
+
+    /// The peer closing the flow before its end-of-stream frame means it
+    /// gave up: an error, so the flow is not reused.
+    #[tokio::test]
+    async fn a_flow_closed_inside_a_frame_is_an_error() {
+        for cut in [0usize, 1, 4] {
+            let (plain, _server) = pair().await;
+            let (tunnel, mut peer) = pair().await;
+            let mut wire = frame_header(100).to_vec();
+            wire.extend_from_slice(&[7; 100]);
+            peer.write_all(&wire[..cut]).await.unwrap();
+            drop(peer);
+            let r = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                relay_framed(&plain, &tunnel, Vec::new()),
+            )
+            .await
+            .expect("the relay ends when the flow does");
+            let err = r.expect_err("a flow without its end is an error");
+            assert_eq!(
+                err.kind(),
+                io::ErrorKind::UnexpectedEof,
+                "cut at {cut}: {err}"
+            );
+        }
     }
 
     #[tokio::test]
@@ -308,6 +730,12 @@ mod tests {
         assert!(
             size < COPY_CHUNK,
             "a relay's state is {size} bytes: a copy buffer is held across an await"
+        );
+        let framed = relay_framed(&a, &b, Vec::new());
+        let size = std::mem::size_of_val(&framed);
+        assert!(
+            size < COPY_CHUNK,
+            "a framed relay's state is {size} bytes: a copy buffer is held across an await"
         );
     }
 

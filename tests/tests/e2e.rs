@@ -324,14 +324,13 @@ fn an_unreadable_tun_packet_is_dropped_alone() {
     run_in(&pair.topo.client, flow).expect("a flow after: the tunnel still runs");
 }
 
-/// Every TCP flow goes from the edge's tunnel address to the home's one flow
-/// port, and the edge closes first when the client does: its TIME_WAIT
-/// sockets share one range of ports, which without reuse lasts `range / 60 s`
-/// new flows a second. The edge's namespace gets 100 ephemeral ports here;
-/// three rounds of 80 flows, each a second after the last, need the reuse
-/// (`tcp_tw_reuse=1`, as the edge image sets).
+/// Short connections one after another reuse the edge's in-tunnel flows
+/// (framed flows): no handshake and no teardown inside the tunnel per
+/// connection, and so no TIME_WAIT socket per connection either. The edge's
+/// namespace gets 100 ephemeral ports here; 240 connections, a flow each,
+/// would leave the edge's side of most of them in TIME_WAIT.
 #[test]
-fn the_edge_reuses_flow_ports_left_in_time_wait() {
+fn short_connections_reuse_in_tunnel_flows() {
     skerry_tests::init_tracing();
     let pair = Pair::start(&[&format!("tcp/9000={TCP_TARGET}")]);
     pair.topo
@@ -358,6 +357,7 @@ fn the_edge_reuses_flow_ports_left_in_time_wait() {
             });
         }
     });
+    pair.wait_for_pooled_flows();
     let public = SocketAddr::from((pair.topo.edge_public_v4, 9000));
     for round in 0..3u8 {
         run_in(&pair.topo.client, move || async move {
@@ -365,27 +365,52 @@ fn the_edge_reuses_flow_ports_left_in_time_wait() {
                 let message = [round, i, 0x5a, 0xa5];
                 let mut s = TcpStream::connect(public)
                     .await
-                    .unwrap_or_else(|e| panic!("round {round}, flow {i}: connect: {e}"));
+                    .unwrap_or_else(|e| panic!("round {round}, connection {i}: connect: {e}"));
                 s.write_all(&message).await.expect("request");
                 s.shutdown().await.expect("end of request");
                 let mut back = Vec::new();
-                s.read_to_end(&mut back).await.unwrap_or_else(|e| {
-                    panic!("round {round}, flow {i}: no reply ({e}): did the edge's flow ports run out, all in TIME_WAIT?")
-                });
-                assert_eq!(back, message, "round {round}, flow {i}");
+                s.read_to_end(&mut back)
+                    .await
+                    .unwrap_or_else(|e| panic!("round {round}, connection {i}: no reply ({e})"));
+                assert_eq!(back, message, "round {round}, connection {i}");
             }
         });
-        std::thread::sleep(Duration::from_millis(1100));
     }
-    let waiting = pair
-        .topo
-        .edge
-        .exec("ss", &["-Htan", "state", "time-wait"])
-        .expect("ss in the edge namespace");
-    let waiting = String::from_utf8_lossy(&waiting.stdout).lines().count();
+    let flow_port = skerry::flow::TCP_FLOW_PORT.to_string();
+    let waiting = skerry_tests::ss(
+        &pair.topo.edge,
+        &[
+            "-Htn",
+            "state",
+            "time-wait",
+            "dport",
+            "=",
+            &format!(":{flow_port}"),
+        ],
+    )
+    .lines()
+    .count();
     assert!(
-        waiting >= 80,
-        "the edge should be the side left in TIME_WAIT (else this test proves nothing): {waiting}"
+        waiting < 10,
+        "{waiting} in-tunnel flows in TIME_WAIT after 240 connections: flows are not reused"
+    );
+    let open = skerry_tests::ss(
+        &pair.topo.edge,
+        &[
+            "-Htn",
+            "state",
+            "established",
+            "dport",
+            "=",
+            &format!(":{flow_port}"),
+        ],
+    )
+    .lines()
+    .count();
+    let most = edge_agent::flow_pool::POOL_SIZE + 2;
+    assert!(
+        open <= most,
+        "{open} in-tunnel flows open after 240 sequential connections (at most {most} expected)"
     );
 }
 
