@@ -14,7 +14,8 @@
 //!
 //! With a home-agent that reads framed flows (control protocol version 2)
 //! a flow comes back to the pool when its connection has ended cleanly
-//! both ways, and carries the next connection: the handshake and teardown
+//! both ways and home has said it finished it, and carries the next
+//! connection: the handshake and teardown
 //! inside the tunnel are paid once per flow, not once per connection. The
 //! most recently returned flow is handed out first, so flows beyond what
 //! the load needs sit unused and age out.
@@ -46,8 +47,9 @@ pub const POOL_SIZE: usize = 8;
 /// How long opening an in-tunnel flow may take, and home's acknowledgement
 /// of its first bytes.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
-/// Idle flows kept at most: what comes back beyond this is closed.
-pub const MAX_IDLE: usize = 8 * POOL_SIZE;
+/// Flows kept idle at most, as a multiple of the pool's size: returned
+/// flows beyond this are closed.
+const MAX_POOLED_PER_SIZE: usize = 8;
 /// First wait after a flow could not be opened; doubles up to
 /// [`RETRY_MAX`] while home does not answer.
 const RETRY_MIN: Duration = Duration::from_secs(1);
@@ -167,11 +169,14 @@ impl<T> PoolState<T> {
         (self.session, self.session.is_some() && self.framed)
     }
 
-    /// A framed flow whose connection ended cleanly, for the next one.
+    /// A framed flow whose connection home has finished, for the next one.
     /// Handed back, to be closed, if its session is over or the pool holds
-    /// [`MAX_IDLE`] already.
+    /// [`MAX_POOLED_PER_SIZE`] times its size already.
     pub fn returned(&mut self, session: u64, flow: T, now: Instant) -> Option<T> {
-        if self.session != Some(session) || !self.framed || self.idle.len() >= MAX_IDLE {
+        if self.session != Some(session)
+            || !self.framed
+            || self.idle.len() >= MAX_POOLED_PER_SIZE * self.size
+        {
             return Some(flow);
         }
         self.idle.push_back((flow, now));
@@ -285,8 +290,8 @@ impl FlowPool {
         })
     }
 
-    /// A framed flow whose connection ended cleanly both ways, so that home
-    /// waits for the next header on it. `open_timeout_lifted`: its relay ran
+    /// A framed flow whose connection home has finished, so that it waits
+    /// for the next header on it. `open_timeout_lifted`: its relay ran
     /// long enough to lift the open timeout, which is set again, so that a
     /// home that has gone fails the next connection as a new flow would.
     pub fn give_back(&self, flow: Flow, open_timeout_lifted: bool) {
@@ -484,7 +489,7 @@ mod tests {
         assert_eq!(st.current(), (Some(1), true));
         assert_eq!(st.returned(1, 1, t0), None);
         assert_eq!(st.take(), Some((1, Some(1), true)), "the same flow again");
-        for f in 0..MAX_IDLE {
+        for f in 0..MAX_POOLED_PER_SIZE * 3 {
             assert_eq!(st.returned(1, u32::try_from(f).unwrap(), t0), None);
         }
         assert_eq!(st.returned(1, 99, t0), Some(99), "beyond the cap");

@@ -18,13 +18,14 @@ use skerry::flow::{
     frame_header,
 };
 use skerry::portmap::Protocol;
+use skerry::relay::FlowSide;
 use skerry::udp_batch::{self, GSO_MAX_BYTES, RecvBatch};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span, trace, warn};
 
-use crate::flow_pool::FlowPool;
+use crate::flow_pool::{Flow, FlowPool};
 use crate::ports::PortShared;
 use crate::udp_flows::FlowTable;
 
@@ -149,11 +150,13 @@ pub async fn tcp_accept_loop(
             async move {
                 let result = tokio::select! {
                     r = tcp_flow(stream, client, port.port, &ctx) => r,
-                    () = port.flows.cancelled() => Ok(()),
+                    () = port.flows.cancelled() => Ok(None),
                 };
                 port.active.fetch_sub(1, Ordering::AcqRel);
-                if let Err(e) = result {
-                    debug!(error = %e, "flow ended with an error");
+                match result {
+                    Ok(Some(ended)) => ended.reuse(&ctx.pool).await,
+                    Ok(None) => {}
+                    Err(e) => debug!(error = %e, "flow ended with an error"),
                 }
             }
             .instrument(span),
@@ -161,12 +164,46 @@ pub async fn tcp_accept_loop(
     }
 }
 
+/// How long home may take to finish a connection whose both directions
+/// have ended at the edge (a target still reading the last upload) before
+/// its flow is closed instead of reused.
+const FINISH_WAIT: Duration = Duration::from_secs(30);
+
+/// A framed flow whose connection has ended at the edge; home's
+/// [`FINISHED`](skerry::flow::FINISHED) is still to come (or already in
+/// `after_end`).
+struct EndedFlow {
+    flow: Flow,
+    after_end: Vec<u8>,
+    open_timeout_lifted: bool,
+}
+
+impl EndedFlow {
+    /// Back to the pool once home has finished the connection, else closed.
+    async fn reuse(self, pool: &FlowPool) {
+        let finished = tokio::time::timeout(
+            FINISH_WAIT,
+            skerry::relay::await_finished(&self.flow.stream, &self.after_end),
+        )
+        .await;
+        match finished {
+            Ok(Ok(())) => pool.give_back(self.flow, self.open_timeout_lifted),
+            Ok(Err(e)) => debug!(error = %e, "flow closed, not reused"),
+            Err(_) => {
+                debug!("home did not finish a connection within {FINISH_WAIT:?}; flow closed")
+            }
+        }
+    }
+}
+
+/// Relays one public connection; a framed flow is returned once the
+/// connection has ended, to be reused.
 async fn tcp_flow(
     client_stream: TcpStream,
     client: SocketAddr,
     public_port: u16,
     ctx: &RelayContext,
-) -> std::io::Result<()> {
+) -> std::io::Result<Option<EndedFlow>> {
     // TCP_NODELAY comes from the listener (see `ports::bind_public_tcp`).
     let mut flow = ctx.pool.flow().await?;
     let mut header = Vec::with_capacity(skerry::flow::MAX_FLOW_HEADER_LEN + 2 + MAX_EARLY_DATA);
@@ -192,7 +229,10 @@ async fn tcp_flow(
         header.truncate(at - prefix);
     } else {
         if flow.framed {
-            header[at - prefix..at].copy_from_slice(&frame_header(n));
+            // n ≤ MAX_EARLY_DATA, well within a frame.
+            if let Some(p) = frame_header(n) {
+                header[at - prefix..at].copy_from_slice(&p);
+            }
         }
         header.truncate(at + n);
     }
@@ -206,21 +246,20 @@ async fn tcp_flow(
         .await;
         let (up, down) = moved?;
         trace!(up, down, "flow closed");
-        return Ok(());
+        return Ok(None);
     }
     let (ended, lifted) = crate::flow_pool::confirm_after_open_timeout(
         home,
-        skerry::relay::relay_framed(&client_stream, home, Vec::new()),
+        skerry::relay::relay_framed(&client_stream, home, Vec::new(), FlowSide::Edge),
     )
     .await;
     let ended = ended?;
     trace!(up = ended.sent, down = ended.received, "connection closed");
-    if ended.after_end.is_empty() {
-        ctx.pool.give_back(flow, lifted);
-    } else {
-        debug!("home sent bytes after its end of stream; flow closed");
-    }
-    Ok(())
+    Ok(Some(EndedFlow {
+        flow,
+        after_end: ended.after_end,
+        open_timeout_lifted: lifted,
+    }))
 }
 
 /// Receive buffers per `recvmmsg` on a public UDP socket; with GRO each

@@ -244,7 +244,8 @@ async fn tcp_connection(
         trace!(%target, up, down, "flow closed");
         return Ok(Vec::new());
     }
-    let ended = skerry::relay::relay_framed(&out, tunnel, early).await?;
+    let ended =
+        skerry::relay::relay_framed(&out, tunnel, early, skerry::relay::FlowSide::Home).await?;
     trace!(%target, up = ended.received, down = ended.sent, "connection closed");
     Ok(ended.after_end)
 }
@@ -437,4 +438,136 @@ async fn open_udp_flow(
         .instrument(span),
     );
     Some(flow)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skerry::flow::{END_OF_STREAM, FINISHED, frame_header};
+    use tokio::io::AsyncReadExt;
+
+    /// A target that echoes what it got once the client has finished.
+    async fn echo_target() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    if s.read_to_end(&mut got).await.is_ok() {
+                        let _ = s.write_all(&got).await;
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// Home's forwarding to `target` on public port 9000, and a flow to it
+    /// as the edge's end and home's accepted end.
+    async fn setup(target: SocketAddr) -> (Arc<Forwarding>, TcpStream, TcpStream) {
+        let spec = format!("tcp/9000={target}").parse().unwrap();
+        let (map, refused) = PortMap::from_specs(1, vec![spec]);
+        assert!(refused.is_empty());
+        let fwd = Arc::new(Forwarding::new(
+            map,
+            Ipv4Addr::LOCALHOST,
+            Duration::from_secs(30),
+        ));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let edge = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (home, _) = listener.accept().await.unwrap();
+        (fwd, edge, home)
+    }
+
+    fn header(framed: bool, client_port: u16) -> Vec<u8> {
+        let mut out = Vec::new();
+        FlowHeader {
+            framed,
+            protocol: Protocol::Tcp,
+            public_port: 9000,
+            client: SocketAddr::from(([198, 18, 0, 1], client_port)),
+        }
+        .encode(&mut out);
+        out
+    }
+
+    fn framed_request(client_port: u16, body: &[u8]) -> Vec<u8> {
+        let mut out = header(true, client_port);
+        out.extend_from_slice(&frame_header(body.len()).unwrap());
+        out.extend_from_slice(body);
+        out.extend_from_slice(&END_OF_STREAM);
+        out
+    }
+
+    /// Two connections written at once, the second's header right behind
+    /// the first's end: home serves them one after the other on the same
+    /// flow, each answer ended and FINISHED, and stops when the edge closes.
+    #[tokio::test]
+    async fn a_framed_flow_serves_connections_in_turn() {
+        let (fwd, mut edge, home) = setup(echo_target().await).await;
+        let served = tokio::spawn({
+            let fwd = fwd.clone();
+            async move { tcp_flow(home, &fwd).await }
+        });
+        let mut wire = framed_request(1, b"first");
+        wire.extend_from_slice(&framed_request(2, b"second request"));
+        edge.write_all(&wire).await.unwrap();
+        for body in [&b"first"[..], b"second request"] {
+            let mut expected = frame_header(body.len()).unwrap().to_vec();
+            expected.extend_from_slice(body);
+            expected.extend_from_slice(&END_OF_STREAM);
+            expected.extend_from_slice(&FINISHED);
+            let mut got = vec![0u8; expected.len()];
+            tokio::time::timeout(Duration::from_secs(5), edge.read_exact(&mut got))
+                .await
+                .expect("home answered")
+                .unwrap();
+            assert_eq!(got, expected);
+        }
+        edge.shutdown().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), served)
+            .await
+            .expect("home let go of the flow the edge closed")
+            .unwrap()
+            .expect("a clean end");
+        assert!(fwd.open_flows().is_empty(), "no connection counted as open");
+    }
+
+    /// A version 1 flow (an edge of the release before framed flows):
+    /// raw bytes, TCP's end of stream, one connection.
+    #[tokio::test]
+    async fn a_raw_flow_carries_one_connection() {
+        let (fwd, mut edge, home) = setup(echo_target().await).await;
+        let served = tokio::spawn(async move { tcp_flow(home, &fwd).await });
+        let mut wire = header(false, 1);
+        wire.extend_from_slice(b"raw bytes");
+        edge.write_all(&wire).await.unwrap();
+        edge.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        edge.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"raw bytes");
+        served.await.unwrap().expect("a clean end");
+    }
+
+    /// A connection whose target is gone closes the flow: the edge drops
+    /// the client's connection, and the flow is not reused.
+    #[tokio::test]
+    async fn an_unreachable_target_closes_the_flow() {
+        let gone = {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            l.local_addr().unwrap()
+        };
+        let (fwd, mut edge, home) = setup(gone).await;
+        let served = tokio::spawn(async move { tcp_flow(home, &fwd).await });
+        edge.write_all(&framed_request(1, b"hello")).await.unwrap();
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), edge.read_to_end(&mut got))
+            .await
+            .expect("home closed the flow");
+        assert!(read.is_ok() && got.is_empty(), "{read:?} {got:?}");
+        assert!(served.await.unwrap().is_err());
+    }
 }

@@ -12,9 +12,11 @@
 //! control protocol [`FRAMED_FLOWS_VERSION`](crate::protocol::FRAMED_FLOWS_VERSION))
 //! carries framed bytes instead: each direction is a run of frames, a
 //! big-endian u16 length and that many bytes, and a frame of length 0 ends
-//! that direction. Once both directions have ended, the flow is free for
-//! the next connection's header. That saves each short connection the
-//! in-tunnel handshake and teardown: five of its seven tunnel packets.
+//! that direction. Home follows its end-of-stream frame with [`FINISHED`]
+//! once its side of the connection is over (everything delivered to the
+//! target, both directions ended), in the same segment when it can; only
+//! then does the edge send the next connection's header on the flow. That
+//! saves each short connection the in-tunnel handshake and teardown.
 //!
 //! UDP: every datagram between the edge (from its WireGuard port on its
 //! tunnel address, a port reserved anyway) and `home:`[`UDP_FLOW_PORT`]
@@ -31,6 +33,7 @@
 //! All integers big-endian. Datagrams have version 1 only; TCP flows 1 or 2.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::num::NonZeroU16;
 use std::time::Duration;
 
 use thiserror::Error;
@@ -48,6 +51,9 @@ pub const FRAMED_FLOW_VERSION: u8 = 2;
 pub const MAX_FRAME: usize = u16::MAX as usize;
 /// The frame that ends one direction of a framed flow.
 pub const END_OF_STREAM: [u8; 2] = [0, 0];
+/// What home sends after its end-of-stream frame once it has finished the
+/// connection: the flow is free for the next one.
+pub const FINISHED: [u8; 2] = [0, 0];
 /// How long the home-agent waits for the header of a flow the edge has
 /// opened. Long, because the edge opens flows ahead of the connections that
 /// will use them (its flow pool); it replaces an unused one after
@@ -193,10 +199,11 @@ pub enum DatagramError {
     Header(#[from] FlowHeaderError),
 }
 
-/// The length prefix of a frame of `len` bytes (1..=[`MAX_FRAME`]).
-pub fn frame_header(len: usize) -> [u8; 2] {
-    debug_assert!((1..=MAX_FRAME).contains(&len), "frame of {len} bytes");
-    u16::try_from(len).unwrap_or(u16::MAX).to_be_bytes()
+/// The length prefix of a frame of `len` bytes: none for 0 (that is the
+/// end of the stream) or more than [`MAX_FRAME`].
+pub fn frame_header(len: usize) -> Option<[u8; 2]> {
+    let len = NonZeroU16::new(u16::try_from(len).ok()?)?;
+    Some(len.get().to_be_bytes())
 }
 
 /// What [`FrameDecoder::decode`] found at the start of its input.
@@ -436,7 +443,9 @@ mod tests {
     #[test]
     fn a_long_payload_can_be_spliced_past_the_decoder() {
         let mut dec = FrameDecoder::default();
-        let prefix = frame_header(MAX_FRAME);
+        assert_eq!(frame_header(0), None);
+        assert_eq!(frame_header(MAX_FRAME + 1), None);
+        let prefix = frame_header(MAX_FRAME).unwrap();
         assert_eq!(dec.prefix_missing(), 2);
         assert_eq!(dec.decode(&prefix[..1]), FrameEvent::Prefix(1));
         assert_eq!(dec.prefix_missing(), 1);
@@ -488,7 +497,7 @@ mod tests {
         ) {
             let mut wire = Vec::new();
             for p in &payloads {
-                wire.extend_from_slice(&frame_header(p.len()));
+                wire.extend_from_slice(&frame_header(p.len()).unwrap());
                 wire.extend_from_slice(p);
             }
             wire.extend_from_slice(&END_OF_STREAM);

@@ -25,7 +25,9 @@ use nix::sys::socket::{self, MsgFlags};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use crate::flow::{END_OF_STREAM, FrameDecoder, FrameEvent, MAX_FRAME, frame_header};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::flow::{END_OF_STREAM, FINISHED, FrameDecoder, FrameEvent, MAX_FRAME, frame_header};
 
 /// Bytes asked for per splice: a pipe's default capacity (16 pages).
 const SPLICE_CHUNK: usize = 64 * 1024;
@@ -49,6 +51,14 @@ pub async fn relay_tcp(a: &TcpStream, b: &TcpStream) -> io::Result<(u64, u64)> {
     moved
 }
 
+/// Which end of a framed flow a relay runs at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowSide {
+    Edge,
+    /// Sends [`FINISHED`] once both directions have ended.
+    Home,
+}
+
 /// How a framed flow's connection ended: both directions cleanly.
 #[derive(Debug)]
 pub struct FramedEnd {
@@ -65,6 +75,9 @@ pub struct FramedEnd {
 /// end-of-stream frame when `plain` ends; frames from `tunnel` go to
 /// `plain`, whose write side is shut down at the peer's end-of-stream frame.
 /// `pending` holds tunnel bytes already read (those after the flow header).
+/// At home, [`FINISHED`] follows once both directions have ended: with the
+/// end-of-stream frame if the edge's came first (a client that closes
+/// first, the usual case), else on its own.
 ///
 /// A tunnel that ends before its end-of-stream frame is an error: the peer
 /// gave up on the connection.
@@ -72,16 +85,23 @@ pub async fn relay_framed(
     plain: &TcpStream,
     tunnel: &TcpStream,
     pending: Vec<u8>,
+    side: FlowSide,
 ) -> io::Result<FramedEnd> {
     let (out_pipe, in_pipe) = two_pipes();
-    let moved = tokio::try_join!(
-        frame_out(plain, tunnel, out_pipe.as_ref()),
-        unframe_in(tunnel, plain, in_pipe.as_ref(), pending)
-    );
+    let inbound_ended = AtomicBool::new(false);
+    let finish = (side == FlowSide::Home).then_some(&inbound_ended);
+    let moved = tokio::try_join!(frame_out(plain, tunnel, out_pipe.as_ref(), finish), async {
+        let r = unframe_in(tunnel, plain, in_pipe.as_ref(), pending).await;
+        inbound_ended.store(true, Ordering::Release);
+        r
+    });
     if moved.is_ok() {
         give_back([out_pipe, in_pipe]);
     }
-    let (sent, (received, after_end)) = moved?;
+    let ((sent, finished), (received, after_end)) = moved?;
+    if side == FlowSide::Home && !finished {
+        send_all(tunnel, &FINISHED, MsgFlags::empty()).await?;
+    }
     Ok(FramedEnd {
         sent,
         received,
@@ -192,8 +212,15 @@ fn shutdown_write(to: &TcpStream) -> io::Result<()> {
 }
 
 /// `from` → `to` as frames until `from` ends, then the end-of-stream frame;
-/// `to` stays open. Copies and splices as [`one_way`] does.
-async fn frame_out(from: &TcpStream, to: &TcpStream, pipe: Option<&Pipe>) -> io::Result<u64> {
+/// `to` stays open. Copies and splices as [`one_way`] does. With
+/// `finish_if`, [`FINISHED`] goes with the end-of-stream frame if the other
+/// direction has ended by then; says whether it did.
+async fn frame_out(
+    from: &TcpStream,
+    to: &TcpStream,
+    pipe: Option<&Pipe>,
+    finish_if: Option<&AtomicBool>,
+) -> io::Result<(u64, bool)> {
     let mut total = 0u64;
     let mut copying = true;
     loop {
@@ -203,12 +230,54 @@ async fn frame_out(from: &TcpStream, to: &TcpStream, pipe: Option<&Pipe>) -> io:
             _ => copy_once(from, to, true).await?,
         };
         if n == 0 {
-            send_all(to, &END_OF_STREAM, MsgFlags::empty()).await?;
-            return Ok(total);
+            let finished = finish_if.is_some_and(|ended| ended.load(Ordering::Acquire));
+            if finished {
+                let both = [END_OF_STREAM, FINISHED].concat();
+                send_all(to, &both, MsgFlags::empty()).await?;
+            } else {
+                send_all(to, &END_OF_STREAM, MsgFlags::empty()).await?;
+            }
+            return Ok((total, finished));
         }
         copying = n < COPY_CHUNK;
         total += n as u64;
     }
+}
+
+/// Waits for home's [`FINISHED`] after its end-of-stream frame; `after_end`
+/// holds what was read past that frame. Anything else from home is an
+/// error: the flow is not to be reused.
+pub async fn await_finished(tunnel: &TcpStream, after_end: &[u8]) -> io::Result<()> {
+    let bad = || {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "home sent bytes after its end of stream",
+        )
+    };
+    if after_end.len() > FINISHED.len() || after_end != &FINISHED[..after_end.len()] {
+        return Err(bad());
+    }
+    let mut have = after_end.len();
+    while have < FINISHED.len() {
+        tunnel.readable().await?;
+        let mut buf = [0u8; FINISHED.len()];
+        let n = match tunnel.try_read(&mut buf[..FINISHED.len() - have]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "home closed the flow",
+            ));
+        }
+        if buf[..n] != FINISHED[have..have + n] {
+            return Err(bad());
+        }
+        have += n;
+    }
+    Ok(())
 }
 
 /// Frames from `from` → their payload to `to`, until the end-of-stream
@@ -228,7 +297,8 @@ async fn unframe_in(
     let mut decoder = FrameDecoder::default();
     let mut total = 0u64;
     let mut unsent = Vec::new();
-    let mut ended = deliver(&mut decoder, &pending, to, &mut unsent, &mut total)?;
+    let mut pending = pending;
+    let mut ended = deliver(&mut decoder, &mut pending, to, &mut unsent, &mut total)?;
     loop {
         send_all(to, &unsent, MsgFlags::empty()).await?;
         unsent.clear();
@@ -293,41 +363,54 @@ async fn read_frames(
         if n == 0 {
             return Err(ended_inside_frame());
         }
-        return deliver(decoder, &buf[..n], to, unsent, total);
+        return deliver(decoder, &mut buf[..n], to, unsent, total);
     }
 }
 
-/// Decodes `bytes`: payload to `to` (what it does not take at once, and
-/// everything after that, into `unsent`). The bytes after an end-of-stream
-/// frame, if `bytes` completes one.
+/// Decodes `bytes`: the payload, gathered in place over the prefixes so
+/// that a read of many small frames is one write, goes to `to` (what it
+/// does not take at once into `unsent`, behind anything already there).
+/// The bytes after an end-of-stream frame, if `bytes` completes one.
 fn deliver(
     decoder: &mut FrameDecoder,
-    mut bytes: &[u8],
+    bytes: &mut [u8],
     to: &TcpStream,
     unsent: &mut Vec<u8>,
     total: &mut u64,
 ) -> io::Result<Option<Vec<u8>>> {
-    loop {
-        match decoder.decode(bytes) {
+    let (mut read, mut payload) = (0, 0);
+    let mut after_end = None;
+    while read < bytes.len() {
+        match decoder.decode(&bytes[read..]) {
             FrameEvent::Payload(n) => {
-                let (payload, rest) = bytes.split_at(n);
-                bytes = rest;
-                *total += n as u64;
-                let mut sent = 0;
-                while unsent.is_empty() && sent < payload.len() {
-                    match to.try_write(&payload[sent..]) {
-                        Ok(m) => sent += m,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) => return Err(e),
-                    }
-                }
-                unsent.extend_from_slice(&payload[sent..]);
+                bytes.copy_within(read..read + n, payload);
+                payload += n;
+                read += n;
             }
-            FrameEvent::Prefix(n) => bytes = &bytes[n..],
-            FrameEvent::End(n) => return Ok(Some(bytes[n..].to_vec())),
-            FrameEvent::Empty => return Ok(None),
+            FrameEvent::Prefix(n) => read += n,
+            FrameEvent::End(n) => {
+                after_end = Some(bytes[read + n..].to_vec());
+                break;
+            }
+            FrameEvent::Empty => break,
         }
     }
+    let payload = &bytes[..payload];
+    *total += payload.len() as u64;
+    let mut sent = 0;
+    while unsent.is_empty() && sent < payload.len() {
+        match to.try_write(&payload[sent..]) {
+            Ok(m) => sent += m,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    unsent.extend_from_slice(&payload[sent..]);
+    Ok(after_end)
+}
+
+fn frame_too_long() -> io::Error {
+    io::Error::other("a chunk too long for one frame")
 }
 
 fn ended_inside_frame() -> io::Error {
@@ -387,7 +470,7 @@ async fn copy_once(from: &TcpStream, to: &TcpStream, framed: bool) -> io::Result
             return Ok(0);
         }
         if framed {
-            buf[..at].copy_from_slice(&frame_header(n));
+            buf[..at].copy_from_slice(&frame_header(n).ok_or_else(frame_too_long)?);
         }
         let out = &buf[..at + n];
         let mut sent = 0;
@@ -425,7 +508,8 @@ async fn splice_through(
     if n > 0 && framed {
         // nix's MsgFlags does not name MSG_MORE.
         let more = MsgFlags::from_bits_retain(nix::libc::MSG_MORE);
-        send_all(to, &frame_header(n), more).await?;
+        let prefix = frame_header(n).ok_or_else(frame_too_long)?;
+        send_all(to, &prefix, more).await?;
     }
     splice_out(pipe, to, n).await?;
     Ok(n)
@@ -524,12 +608,16 @@ mod tests {
             server.shutdown().await.unwrap();
         };
         let (edge, home, (), ()) = tokio::join!(
-            relay_framed(&edge_plain, tunnel.0, Vec::new()),
-            relay_framed(&home_plain, tunnel.1, Vec::new()),
+            relay_framed(&edge_plain, tunnel.0, Vec::new(), FlowSide::Edge),
+            relay_framed(&home_plain, tunnel.1, Vec::new(), FlowSide::Home),
             client_side,
             server_side
         );
-        (edge.unwrap(), home.unwrap())
+        let (edge, home) = (edge.unwrap(), home.unwrap());
+        await_finished(tunnel.0, &edge.after_end)
+            .await
+            .expect("home finished the connection");
+        (edge, home)
     }
 
     /// Connections one after the other over one in-tunnel flow, with sizes
@@ -560,8 +648,8 @@ mod tests {
                 "connection {i} at home"
             );
             assert!(
-                edge.after_end.is_empty() && home.after_end.is_empty(),
-                "connection {i}: bytes after the end"
+                home.after_end.is_empty(),
+                "connection {i}: bytes after the edge's end"
             );
         }
     }
@@ -603,13 +691,129 @@ mod tests {
             server.shutdown().await.unwrap();
         };
         let (edge, home, (), ()) = tokio::join!(
-            relay_framed(&edge_plain, &t_edge, Vec::new()),
-            relay_framed(&home_plain, &t_home, Vec::new()),
+            relay_framed(&edge_plain, &t_edge, Vec::new(), FlowSide::Edge),
+            relay_framed(&home_plain, &t_home, Vec::new(), FlowSide::Home),
             writer,
             reader
         );
         assert_eq!(edge.unwrap().sent, expected.len() as u64);
         assert_eq!(home.unwrap().received, expected.len() as u64);
+    }
+
+    /// A target that answers and closes its side first, then reads the
+    /// upload slowly: home's end-of-stream frame comes early, but its
+    /// FINISHED only once home has handed the target every byte (all but
+    /// what the two socket buffers hold has been read). Until then
+    /// the edge must not put the next connection on the flow.
+    #[tokio::test]
+    async fn home_finishes_only_when_the_target_has_everything() {
+        use std::sync::atomic::AtomicUsize;
+        let (t_edge, t_home) = pair().await;
+        let (mut client, edge_plain) = pair().await;
+        let (home_plain, mut server) = pair().await;
+        socket2::SockRef::from(&server)
+            .set_recv_buffer_size(64 * 1024)
+            .unwrap();
+        socket2::SockRef::from(&home_plain)
+            .set_send_buffer_size(64 * 1024)
+            .unwrap();
+        const SLACK: usize = 1024 * 1024;
+        let up: Vec<u8> = (0..4_000_000u32).map(|i| (i % 249) as u8).collect();
+        let taken = AtomicUsize::new(0);
+        let client_side = async {
+            client.write_all(&up).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, b"early answer");
+        };
+        let server_side = async {
+            server.write_all(b"early answer").await.unwrap();
+            server.shutdown().await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let n = server.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+                taken.store(got.len(), Ordering::Release);
+            }
+            assert!(
+                got == up,
+                "{} of {} bytes, or differing",
+                got.len(),
+                up.len()
+            );
+        };
+        let edge_side = async {
+            let end = relay_framed(&edge_plain, &t_edge, Vec::new(), FlowSide::Edge)
+                .await
+                .unwrap();
+            await_finished(&t_edge, &end.after_end).await.unwrap();
+            let taken = taken.load(Ordering::Acquire);
+            assert!(
+                taken + SLACK >= up.len(),
+                "home said FINISHED when the target had read {taken} of {} bytes",
+                up.len()
+            );
+        };
+        let (home, (), (), ()) = tokio::join!(
+            relay_framed(&home_plain, &t_home, Vec::new(), FlowSide::Home),
+            edge_side,
+            client_side,
+            server_side
+        );
+        assert_eq!(home.unwrap().received, up.len() as u64);
+    }
+
+    /// Many small frames read at once reach the target in one write.
+    #[tokio::test]
+    async fn small_frames_read_together_are_written_together() {
+        let (plain, mut server) = pair().await;
+        let (tunnel, mut peer) = pair().await;
+        let mut wire = Vec::new();
+        for i in 0..200u8 {
+            wire.extend_from_slice(&frame_header(1).unwrap());
+            wire.push(i);
+        }
+        wire.extend_from_slice(&END_OF_STREAM);
+        peer.write_all(&wire).await.unwrap();
+        server.shutdown().await.unwrap();
+        let end = relay_framed(&plain, &tunnel, Vec::new(), FlowSide::Home)
+            .await
+            .unwrap();
+        assert_eq!(end.received, 200);
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, (0..200u8).collect::<Vec<_>>());
+        let mut back = [0u8; 4];
+        peer.read_exact(&mut back).await.unwrap();
+        assert_eq!(
+            back,
+            [END_OF_STREAM, FINISHED].concat()[..],
+            "end and FINISHED in one"
+        );
+    }
+
+    /// Anything from home after its end but FINISHED, or a closed flow,
+    /// keeps the flow from being reused.
+    #[tokio::test]
+    async fn only_finished_may_follow_home_s_end() {
+        let (tunnel, mut peer) = pair().await;
+        assert!(await_finished(&tunnel, &[0, 0, 1]).await.is_err());
+        assert!(await_finished(&tunnel, &[1]).await.is_err());
+        peer.write_all(&[0, 7]).await.unwrap();
+        assert!(await_finished(&tunnel, &[]).await.is_err());
+        let (tunnel, mut peer) = pair().await;
+        peer.write_all(&[0]).await.unwrap();
+        await_finished(&tunnel, &[0])
+            .await
+            .expect("the rest of FINISHED");
+        drop(peer);
+        assert!(await_finished(&tunnel, &[]).await.is_err(), "closed");
     }
 
     /// What follows the peer's end of stream (the next connection's header)
@@ -618,13 +822,15 @@ mod tests {
     async fn bytes_after_the_end_are_handed_back() {
         let (plain, mut server) = pair().await;
         let (tunnel, mut peer) = pair().await;
-        let mut wire = frame_header(5).to_vec();
+        let mut wire = frame_header(5).unwrap().to_vec();
         wire.extend_from_slice(b"hello");
         wire.extend_from_slice(&END_OF_STREAM);
         wire.extend_from_slice(b"next");
         peer.write_all(&wire).await.unwrap();
         server.shutdown().await.unwrap();
-        let end = relay_framed(&plain, &tunnel, b"".to_vec()).await.unwrap();
+        let end = relay_framed(&plain, &tunnel, b"".to_vec(), FlowSide::Edge)
+            .await
+            .unwrap();
         assert_eq!(end.received, 5);
         assert_eq!(end.after_end, b"next");
         let mut got = Vec::new();
@@ -645,13 +851,13 @@ mod tests {
         for cut in [0usize, 1, 4] {
             let (plain, _server) = pair().await;
             let (tunnel, mut peer) = pair().await;
-            let mut wire = frame_header(100).to_vec();
+            let mut wire = frame_header(100).unwrap().to_vec();
             wire.extend_from_slice(&[7; 100]);
             peer.write_all(&wire[..cut]).await.unwrap();
             drop(peer);
             let r = tokio::time::timeout(
                 std::time::Duration::from_secs(5),
-                relay_framed(&plain, &tunnel, Vec::new()),
+                relay_framed(&plain, &tunnel, Vec::new(), FlowSide::Home),
             )
             .await
             .expect("the relay ends when the flow does");
@@ -731,7 +937,7 @@ mod tests {
             size < COPY_CHUNK,
             "a relay's state is {size} bytes: a copy buffer is held across an await"
         );
-        let framed = relay_framed(&a, &b, Vec::new());
+        let framed = relay_framed(&a, &b, Vec::new(), FlowSide::Home);
         let size = std::mem::size_of_val(&framed);
         assert!(
             size < COPY_CHUNK,
