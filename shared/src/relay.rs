@@ -345,21 +345,9 @@ async fn read_frames(
         from.readable().await?;
         let mut buf = [0u8; COPY_CHUNK];
         let want = want.min(COPY_CHUNK);
-        let mut n = 0;
-        let read = from.try_io(Interest::READABLE, || {
-            n = recv(from, &mut buf[..want])?;
-            // As in copy_once: a short read drained the socket.
-            if n > 0 && n < want {
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            Ok(())
-        });
-        match read {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && n > 0 => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
+        let Some(n) = recv_ready(from, &mut buf[..want])? else {
+            continue;
+        };
         if n == 0 {
             return Err(ended_inside_frame());
         }
@@ -448,24 +436,9 @@ async fn copy_once(from: &TcpStream, to: &TcpStream, framed: bool) -> io::Result
     let (n, unsent) = loop {
         from.readable().await?;
         let mut buf = [0u8; END_OF_STREAM.len() + COPY_CHUNK];
-        let mut n = 0;
-        let read = from.try_io(Interest::READABLE, || {
-            n = recv(from, &mut buf[at..at + COPY_CHUNK])?;
-            // A short read drained the socket. Saying "would block" makes
-            // tokio clear the readiness, as its own `read` does, so the next
-            // wait sleeps instead of calling `recv` to find nothing; `n`
-            // keeps what was read.
-            if n > 0 && n < COPY_CHUNK {
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            Ok(())
-        });
-        match read {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && n > 0 => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
+        let Some(n) = recv_ready(from, &mut buf[at..at + COPY_CHUNK])? else {
+            continue;
+        };
         if n == 0 {
             return Ok(0);
         }
@@ -485,6 +458,30 @@ async fn copy_once(from: &TcpStream, to: &TcpStream, framed: bool) -> io::Result
     };
     send_all(to, &unsent, MsgFlags::empty()).await?;
     Ok(n)
+}
+
+/// One `recv` into `buf` on a socket tokio found readable: the bytes read
+/// (0 at end of stream), or `None` if there were none after all (tokio has
+/// cleared the readiness; wait again).
+fn recv_ready(from: &TcpStream, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    let mut n = 0;
+    let read = from.try_io(Interest::READABLE, || {
+        n = recv(from, buf)?;
+        // A short read drained the socket. Saying "would block" makes
+        // tokio clear the readiness, as its own `read` does, so the next
+        // wait sleeps instead of calling `recv` to find nothing; `n`
+        // keeps what was read.
+        if n > 0 && n < buf.len() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(())
+    });
+    match read {
+        Ok(()) => Ok(Some(n)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && n > 0 => Ok(Some(n)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 fn recv(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
