@@ -414,7 +414,7 @@ where
 }
 
 /// Home sends nothing on a flow before its header (nor, on a framed flow,
-/// after its end-of-stream frame), so anything to read (the end of the
+/// after the FINISHED that the edge waited for), so anything to read (the end of the
 /// stream, an error) means home has closed it.
 fn still_open(flow: &TcpStream) -> bool {
     let mut byte = [MaybeUninit::<u8>::uninit()];
@@ -428,8 +428,10 @@ fn still_open(flow: &TcpStream) -> bool {
 mod tests {
     use super::*;
 
+    const SIZE: usize = 3;
+
     fn state() -> PoolState<u32> {
-        PoolState::new(3, Duration::from_secs(60))
+        PoolState::new(SIZE, Duration::from_secs(60))
     }
 
     #[test]
@@ -489,7 +491,7 @@ mod tests {
         assert_eq!(st.current(), (Some(1), true));
         assert_eq!(st.returned(1, 1, t0), None);
         assert_eq!(st.take(), Some((1, Some(1), true)), "the same flow again");
-        for f in 0..MAX_POOLED_PER_SIZE * 3 {
+        for f in 0..MAX_POOLED_PER_SIZE * SIZE {
             assert_eq!(st.returned(1, u32::try_from(f).unwrap(), t0), None);
         }
         assert_eq!(st.returned(1, 99, t0), Some(99), "beyond the cap");

@@ -3,8 +3,9 @@
 //! TCP: each accepted connection takes a TCP flow to the home-agent through
 //! the tunnel (see [`crate::flow_pool`]) and sends a flow header; bytes then
 //! go both ways, half-closes included. A framed flow (home reads them)
-//! goes back to the pool when its connection has ended cleanly. UDP: each datagram is sent to the home-agent with
-//! a datagram header; replies come back by flow id.
+//! goes back to the pool when its connection has ended cleanly and home
+//! has said it finished it. UDP: each datagram is sent to the home-agent
+//! with a datagram header; replies come back by flow id.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -230,9 +231,8 @@ async fn tcp_flow(
     } else {
         if flow.framed {
             // n ≤ MAX_EARLY_DATA, well within a frame.
-            if let Some(p) = frame_header(n) {
-                header[at - prefix..at].copy_from_slice(&p);
-            }
+            let p = frame_header(n).ok_or_else(|| std::io::Error::other("early data too long"))?;
+            header[at - prefix..at].copy_from_slice(&p);
         }
         header.truncate(at + n);
     }

@@ -556,10 +556,14 @@ mod tests {
     /// the client's connection, and the flow is not reused.
     #[tokio::test]
     async fn an_unreachable_target_closes_the_flow() {
-        let gone = {
-            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            l.local_addr().unwrap()
-        };
+        // Bound but not listening, for the whole test: connects are refused
+        // and no other test can take the port.
+        let holder =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        holder
+            .bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).into())
+            .unwrap();
+        let gone = holder.local_addr().unwrap().as_socket().unwrap();
         let (fwd, mut edge, home) = setup(gone).await;
         let served = tokio::spawn(async move { tcp_flow(home, &fwd).await });
         edge.write_all(&framed_request(1, b"hello")).await.unwrap();

@@ -13,8 +13,8 @@
 //! carries framed bytes instead: each direction is a run of frames, a
 //! big-endian u16 length and that many bytes, and a frame of length 0 ends
 //! that direction. Home follows its end-of-stream frame with [`FINISHED`]
-//! once its side of the connection is over (everything delivered to the
-//! target, both directions ended), in the same segment when it can; only
+//! once its side of the connection is over (everything handed to the
+//! target's socket, both directions ended), in the same segment when it can; only
 //! then does the edge send the next connection's header on the flow. That
 //! saves each short connection the in-tunnel handshake and teardown.
 //!
