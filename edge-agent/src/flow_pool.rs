@@ -126,18 +126,32 @@ impl<T> PoolState<T> {
         Some((session, n))
     }
 
-    /// A flow opened for `session`. Handed back if that session is over.
+    /// A flow opened for `session`. Handed back if that session is over,
+    /// or the pool is full.
     pub fn opened(&mut self, session: u64, flow: T, now: Instant) -> Option<T> {
         if self.session != Some(session) {
             return Some(flow);
         }
         self.opening = self.opening.saturating_sub(1);
         self.retry_wait = RETRY_MIN;
-        if self.idle.len() < self.size {
+        if self.idle.len() < self.cap() {
             self.idle.push_back((flow, now));
             None
         } else {
             Some(flow)
+        }
+    }
+
+    /// Idle flows kept at most. Raw flows are not reused, so `size` of
+    /// them is enough; framed ones come back, and closing one that comes
+    /// back (or one just opened) while the load still needs it would only
+    /// mean opening another: up to [`MAX_POOLED_PER_SIZE`] times `size`
+    /// stay, and those the load stops needing age out.
+    fn cap(&self) -> usize {
+        if self.framed {
+            MAX_POOLED_PER_SIZE * self.size
+        } else {
+            self.size
         }
     }
 
@@ -170,13 +184,10 @@ impl<T> PoolState<T> {
     }
 
     /// A framed flow whose connection home has finished, for the next one.
-    /// Handed back, to be closed, if its session is over or the pool holds
-    /// [`MAX_POOLED_PER_SIZE`] times its size already.
+    /// Handed back, to be closed, if its session is over or the pool is
+    /// full.
     pub fn returned(&mut self, session: u64, flow: T, now: Instant) -> Option<T> {
-        if self.session != Some(session)
-            || !self.framed
-            || self.idle.len() >= MAX_POOLED_PER_SIZE * self.size
-        {
+        if self.session != Some(session) || !self.framed || self.idle.len() >= self.cap() {
             return Some(flow);
         }
         self.idle.push_back((flow, now));
@@ -502,6 +513,37 @@ mod tests {
         assert_eq!(st.returned(3, 6, t0), Some(6), "home reads only raw flows");
         st.end_session();
         assert_eq!(st.current(), (None, false));
+    }
+
+    /// Under load, flows opened to refill the pool arrive after the ones
+    /// in use have come back: kept, not closed at once (with raw flows,
+    /// only `size` are kept).
+    #[test]
+    fn refills_that_arrive_late_are_kept_when_flows_come_back() {
+        let t0 = Instant::now();
+        let mut st = state();
+        st.start_session(true);
+        let (s, n) = st.to_open(t0).unwrap();
+        for f in 0..n {
+            st.opened(s, u32::try_from(f).unwrap(), t0);
+        }
+        let lent: Vec<u32> = (0..SIZE)
+            .filter_map(|_| st.take())
+            .map(|(f, ..)| f)
+            .collect();
+        let (_, refill) = st.to_open(t0).unwrap();
+        assert_eq!(refill, SIZE, "all were lent: a full refill");
+        for f in lent {
+            assert_eq!(st.returned(s, f, t0), None);
+        }
+        assert_eq!(st.opened(s, 100, t0), None, "a late refill is kept");
+        assert_eq!(st.idle(), SIZE + 1);
+        st.start_session(false);
+        let (s, n) = st.to_open(t0).unwrap();
+        for f in 0..n {
+            assert_eq!(st.opened(s, u32::try_from(f).unwrap(), t0), None);
+        }
+        assert_eq!(st.opened(s, 101, t0), Some(101), "raw flows: size of them");
     }
 
     /// Flows the load no longer needs sit at the front and age out;

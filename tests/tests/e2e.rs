@@ -414,6 +414,90 @@ fn short_connections_reuse_in_tunnel_flows() {
     );
 }
 
+/// Reused flows with a target that speaks first and closes first (a
+/// banner, an HTTP/1.0 answer), eight clients at once: every client gets
+/// its own greeting whole, on flows that carried connections before, and
+/// the edge opens few flows for them.
+#[test]
+fn reused_flows_carry_targets_that_close_first() {
+    skerry_tests::init_tracing();
+    let pair = Pair::start(&[&format!("tcp/9000={TCP_TARGET}")]);
+    let listener = skerry_tests::tcp_listener_in(&pair.topo.home, TCP_TARGET.parse().unwrap());
+    let _svc = spawn_in(&pair.topo.home, move || async move {
+        let listener = TcpListener::from_std(listener).expect("listener");
+        let mut n = 0u32;
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            n += 1;
+            tokio::spawn(async move {
+                // A greeting longer than one frame's copy, then the close.
+                let mut greeting = format!("hello {n}\n").into_bytes();
+                greeting.resize(20_000, b'.');
+                let _ = s.write_all(&greeting).await;
+            });
+        }
+    });
+    pair.wait_for_pooled_flows();
+    let public = SocketAddr::from((pair.topo.edge_public_v4, 9000));
+    run_in(&pair.topo.client, move || async move {
+        let clients: Vec<_> = (0..8)
+            .map(|c| {
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    for i in 0..25 {
+                        let mut s = TcpStream::connect(public)
+                            .await
+                            .unwrap_or_else(|e| panic!("client {c}, connection {i}: connect: {e}"));
+                        let mut got = Vec::new();
+                        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
+                            .await
+                            .unwrap_or_else(|_| {
+                                panic!("client {c}, connection {i}: no end of stream")
+                            })
+                            .unwrap_or_else(|e| panic!("client {c}, connection {i}: {e}"));
+                        assert_eq!(
+                            got.len(),
+                            20_000,
+                            "client {c}, connection {i}: greeting cut"
+                        );
+                        let line = got
+                            .split(|&b| b == b'\n')
+                            .next()
+                            .unwrap_or_default()
+                            .to_vec();
+                        seen.push(String::from_utf8(line).expect("greeting text"));
+                    }
+                    seen
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for c in clients {
+            all.extend(c.await.expect("a client failed"));
+        }
+        all.sort();
+        all.dedup();
+        assert_eq!(
+            all.len(),
+            200,
+            "each connection reached a target connection of its own"
+        );
+    });
+    let flow_port = format!(":{}", skerry::flow::TCP_FLOW_PORT);
+    let waiting = skerry_tests::ss(
+        &pair.topo.edge,
+        &["-Htn", "state", "time-wait", "dport", "=", &flow_port],
+    )
+    .lines()
+    .count();
+    assert!(
+        waiting < 10,
+        "{waiting} in-tunnel flows in TIME_WAIT after 200 connections: flows are not reused"
+    );
+}
+
 /// A new public connection's first bytes leave the edge at once, on an
 /// in-tunnel flow opened ahead of it (the edge's flow pool), instead of
 /// after a handshake with home: one home round trip less before every
