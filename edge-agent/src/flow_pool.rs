@@ -47,8 +47,8 @@ pub const POOL_SIZE: usize = 8;
 /// How long opening an in-tunnel flow may take, and home's acknowledgement
 /// of its first bytes.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
-/// Flows kept idle at most, as a multiple of the pool's size: returned
-/// flows beyond this are closed.
+/// Framed flows kept idle at most, as a multiple of the pool's size (see
+/// [`PoolState::cap`]): flows that come back or open beyond this are closed.
 const MAX_POOLED_PER_SIZE: usize = 8;
 /// First wait after a flow could not be opened; doubles up to
 /// [`RETRY_MAX`] while home does not answer.
@@ -538,6 +538,11 @@ mod tests {
         }
         assert_eq!(st.opened(s, 100, t0), None, "a late refill is kept");
         assert_eq!(st.idle(), SIZE + 1);
+        while st.idle() < MAX_POOLED_PER_SIZE * SIZE {
+            assert_eq!(st.returned(s, 7, t0), None);
+        }
+        st.opening = 1;
+        assert_eq!(st.opened(s, 102, t0), Some(102), "beyond the cap");
         st.start_session(false);
         let (s, n) = st.to_open(t0).unwrap();
         for f in 0..n {
