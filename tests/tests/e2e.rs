@@ -324,6 +324,16 @@ fn an_unreadable_tun_packet_is_dropped_alone() {
     run_in(&pair.topo.client, flow).expect("a flow after: the tunnel still runs");
 }
 
+/// In-tunnel flows in `state` (as `ss` names it) in `ns`, the edge's or
+/// home's namespace: those to or from home's flow port.
+fn in_tunnel_flows(ns: &skerry::netns::NetNs, state: &str) -> usize {
+    let port = format!(":{}", skerry::flow::TCP_FLOW_PORT);
+    let out = skerry_tests::ss(ns, &["-Htn", "state", state]);
+    out.lines()
+        .filter(|l| l.split_whitespace().any(|addr| addr.ends_with(&port)))
+        .count()
+}
+
 /// Short connections one after another reuse the edge's in-tunnel flows
 /// (framed flows): no handshake and no teardown inside the tunnel per
 /// connection, and so no TIME_WAIT socket per connection either. The edge's
@@ -376,37 +386,16 @@ fn short_connections_reuse_in_tunnel_flows() {
             }
         });
     }
-    let flow_port = skerry::flow::TCP_FLOW_PORT.to_string();
-    let waiting = skerry_tests::ss(
-        &pair.topo.edge,
-        &[
-            "-Htn",
-            "state",
-            "time-wait",
-            "dport",
-            "=",
-            &format!(":{flow_port}"),
-        ],
-    )
-    .lines()
-    .count();
+    let waiting = in_tunnel_flows(&pair.topo.edge, "time-wait");
     assert!(
         waiting < 10,
         "{waiting} in-tunnel flows in TIME_WAIT after 240 connections: flows are not reused"
     );
-    let open = skerry_tests::ss(
-        &pair.topo.edge,
-        &[
-            "-Htn",
-            "state",
-            "established",
-            "dport",
-            "=",
-            &format!(":{flow_port}"),
-        ],
-    )
-    .lines()
-    .count();
+    let open = in_tunnel_flows(&pair.topo.edge, "established");
+    assert!(
+        open >= edge_agent::flow_pool::POOL_SIZE,
+        "{open} in-tunnel flows open: the pool is not full (or ss is not read right)"
+    );
     // The pool, plus what was lent when it refilled: the connection in
     // progress and the one before it, still waiting for home's FINISHED,
     // and some slack for a slow moment of the host.
@@ -488,35 +477,23 @@ fn reused_flows_carry_targets_that_close_first() {
             "each connection reached a target connection of its own"
         );
     });
-    let flow_port = format!(":{}", skerry::flow::TCP_FLOW_PORT);
-    let waiting = skerry_tests::ss(
-        &pair.topo.edge,
-        &["-Htn", "state", "time-wait", "dport", "=", &flow_port],
-    )
-    .lines()
-    .count();
+    let waiting = in_tunnel_flows(&pair.topo.edge, "time-wait");
     assert!(
         waiting < 10,
         "{waiting} in-tunnel flows in TIME_WAIT after 200 connections: flows are not reused"
     );
     // Home closing flows (a target that closes first mishandled) would
     // leave them in TIME_WAIT there, and the edge would open new ones.
-    let home_closed = skerry_tests::ss(
-        &pair.topo.home,
-        &["-Htn", "state", "time-wait", "sport", "=", &flow_port],
-    )
-    .lines()
-    .count();
+    let home_closed = in_tunnel_flows(&pair.topo.home, "time-wait");
     assert!(
         home_closed < 10,
         "home closed {home_closed} in-tunnel flows after 200 connections"
     );
-    let open = skerry_tests::ss(
-        &pair.topo.edge,
-        &["-Htn", "state", "established", "dport", "=", &flow_port],
-    )
-    .lines()
-    .count();
+    let open = in_tunnel_flows(&pair.topo.edge, "established");
+    assert!(
+        open >= edge_agent::flow_pool::POOL_SIZE,
+        "{open} in-tunnel flows open: the pool is not full (or ss is not read right)"
+    );
     // The pool, and per client (eight, as many as the pool) the connection
     // in progress and the one before it, still waiting for home's
     // FINISHED; some slack for a slow moment of the host.
