@@ -174,35 +174,12 @@ fn spare_pipes() -> std::sync::MutexGuard<'static, Vec<Pipe>> {
 /// splice shows no such thing: 16 small segments fill a pipe's 16 slots.
 const COPY_CHUNK: usize = 4096;
 
-/// `from` → `to` until `from` ends, then half-closes `to`: small reads by
-/// copy, and once a read fills the copy buffer, through the pipe (if there
-/// is one) until a read comes back small again.
-///
-/// The pipe is empty whenever `from` is read, so "would block" there means
-/// `from` has nothing; while the pipe holds bytes only `to` is written, so
-/// "would block" there means `to` is full. tokio's readiness covers both.
+/// `from` → `to` until `from` ends, then half-closes `to`.
 async fn one_way(from: &TcpStream, to: &TcpStream, pipe: Option<&Pipe>) -> io::Result<u64> {
-    let mut total = 0u64;
-    let mut copying = true;
-    loop {
-        // Readiness waits and `try_io` do not count against tokio's
-        // cooperative budget: without this a busy flow whose reads and
-        // writes never block would hold its worker thread (and the other
-        // direction, and whoever selects over the relay) for as long as
-        // its bytes keep coming.
-        tokio::task::consume_budget().await;
-        let n = match pipe {
-            Some(pipe) if !copying => splice_through(from, to, pipe, false).await?,
-            _ => copy_once(from, to, false).await?,
-        };
-        if n == 0 {
-            // The other side sees end-of-stream after everything sent before it.
-            shutdown_write(to)?;
-            return Ok(total);
-        }
-        copying = n < COPY_CHUNK;
-        total += n as u64;
-    }
+    let total = pump(from, to, pipe, false).await?;
+    // The other side sees end-of-stream after everything sent before it.
+    shutdown_write(to)?;
+    Ok(total)
 }
 
 fn shutdown_write(to: &TcpStream) -> io::Result<()> {
@@ -214,32 +191,57 @@ fn shutdown_write(to: &TcpStream) -> io::Result<()> {
 }
 
 /// `from` → `to` as frames until `from` ends, then the end-of-stream frame;
-/// `to` stays open. Copies and splices as [`one_way`] does. With
-/// `finish_if`, [`FINISHED`] goes with the end-of-stream frame if the other
-/// direction has ended by then; says whether it did.
+/// `to` stays open. With `finish_if`, [`FINISHED`] goes with the
+/// end-of-stream frame if the other direction has ended by then; says
+/// whether it did.
 async fn frame_out(
     from: &TcpStream,
     to: &TcpStream,
     pipe: Option<&Pipe>,
     finish_if: Option<&AtomicBool>,
 ) -> io::Result<(u64, bool)> {
+    const END_AND_FINISHED: [u8; 4] =
+        [END_OF_STREAM[0], END_OF_STREAM[1], FINISHED[0], FINISHED[1]];
+    let total = pump(from, to, pipe, true).await?;
+    let finished = finish_if.is_some_and(|ended| ended.load(Ordering::Acquire));
+    let end: &[u8] = if finished {
+        &END_AND_FINISHED
+    } else {
+        &END_OF_STREAM
+    };
+    send_all(to, end, MsgFlags::empty()).await?;
+    Ok((total, finished))
+}
+
+/// `from` → `to` until `from` ends (behind frame prefixes if `framed`):
+/// small reads by copy, and once a read fills the copy buffer, through the
+/// pipe (if there is one) until a read comes back small again. Returns the
+/// bytes moved.
+///
+/// The pipe is empty whenever `from` is read, so "would block" there means
+/// `from` has nothing; while the pipe holds bytes only `to` is written, so
+/// "would block" there means `to` is full. tokio's readiness covers both.
+async fn pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    pipe: Option<&Pipe>,
+    framed: bool,
+) -> io::Result<u64> {
     let mut total = 0u64;
     let mut copying = true;
     loop {
+        // Readiness waits and `try_io` do not count against tokio's
+        // cooperative budget: without this a busy flow whose reads and
+        // writes never block would hold its worker thread (and the other
+        // direction, and whoever selects over the relay) for as long as
+        // its bytes keep coming.
         tokio::task::consume_budget().await;
         let n = match pipe {
-            Some(pipe) if !copying => splice_through(from, to, pipe, true).await?,
-            _ => copy_once(from, to, true).await?,
+            Some(pipe) if !copying => splice_through(from, to, pipe, framed).await?,
+            _ => copy_once(from, to, framed).await?,
         };
         if n == 0 {
-            let finished = finish_if.is_some_and(|ended| ended.load(Ordering::Acquire));
-            if finished {
-                let both = [END_OF_STREAM, FINISHED].concat();
-                send_all(to, &both, MsgFlags::empty()).await?;
-            } else {
-                send_all(to, &END_OF_STREAM, MsgFlags::empty()).await?;
-            }
-            return Ok((total, finished));
+            return Ok(total);
         }
         copying = n < COPY_CHUNK;
         total += n as u64;
@@ -263,10 +265,8 @@ pub async fn await_finished(tunnel: &TcpStream, after_end: &[u8]) -> io::Result<
     while have < FINISHED.len() {
         tunnel.readable().await?;
         let mut buf = [0u8; FINISHED.len()];
-        let n = match tunnel.try_read(&mut buf[..FINISHED.len() - have]) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+        let Some(n) = recv_ready(tunnel, &mut buf[..FINISHED.len() - have])? else {
+            continue;
         };
         if n == 0 {
             return Err(io::Error::new(
@@ -294,12 +294,11 @@ async fn unframe_in(
     from: &TcpStream,
     to: &TcpStream,
     pipe: Option<&Pipe>,
-    pending: Vec<u8>,
+    mut pending: Vec<u8>,
 ) -> io::Result<(u64, Vec<u8>)> {
     let mut decoder = FrameDecoder::default();
     let mut total = 0u64;
     let mut unsent = Vec::new();
-    let mut pending = pending;
     let mut ended = deliver(&mut decoder, &mut pending, to, &mut unsent, &mut total)?;
     loop {
         send_all(to, &unsent, MsgFlags::empty()).await?;
@@ -322,12 +321,10 @@ async fn unframe_in(
             total += n as u64;
             continue;
         }
-        let want = if pipe.is_some() && decoder.last_frame_len() >= COPY_CHUNK {
-            decoder.prefix_missing()
-        } else {
-            0
+        let want = match decoder.prefix_missing() {
+            m if m > 0 && pipe.is_some() && decoder.last_frame_len() >= COPY_CHUNK => m,
+            _ => COPY_CHUNK,
         };
-        let want = if want == 0 { COPY_CHUNK } else { want };
         ended = read_frames(from, to, want, &mut decoder, &mut unsent, &mut total).await?;
     }
 }
