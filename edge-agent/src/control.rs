@@ -4,7 +4,7 @@
 use std::net::{Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
-use skerry::control::{ControlError, MessageReader, write_message};
+use skerry::control::{ControlError, MessageReader, close_code, write_message};
 use skerry::protocol::{EdgeAction, EdgeInfo, EdgeSession, ProtocolError};
 use skerry::tunnel::TunnelHandle;
 use skerry::tunnel::driver::short_key;
@@ -14,13 +14,6 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::flow_pool::FlowPool;
 use crate::ports::PortTable;
-
-/// QUIC application close codes the edge uses.
-pub mod close_code {
-    pub const SHUTDOWN: u32 = 0;
-    pub const PROTOCOL: u32 = 1;
-    pub const SUPERSEDED: u32 = 2;
-}
 
 /// What the control server shares with each session.
 #[derive(Debug)]
@@ -143,24 +136,37 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<ControlState>) {
                     reply,
                 } => {
                     info!(home_key = %short_key(&home_key), "home-agent connected");
+                    // One take-over at a time, start to end: two sessions
+                    // established at once must not leave the tunnel's peer,
+                    // the current session and the pool's framing each set
+                    // by a different one.
+                    let mut current = state.current.lock().await;
                     // No flow opened to the previous home-agent may be
                     // handed out once the tunnel leads to this one.
                     state.pool.end_session();
                     if state.tunnel.set_peer(home_key).await.is_err() {
                         return Err(ControlError::Io(std::io::Error::other("tunnel stopped")));
                     }
-                    if let Some(old) = state.current.lock().await.replace(conn.clone()) {
+                    if let Some(old) = current.replace(conn.clone()) {
                         old.close(
                             quinn::VarInt::from_u32(close_code::SUPERSEDED),
-                            b"a newer session took over",
+                            SUPERSEDED_REASON,
                         );
                     }
                     state
                         .pool
                         .start_session(version >= skerry::protocol::FRAMED_FLOWS_VERSION);
+                    drop(current);
                     write_message(&mut send, &reply).await?;
                 }
                 EdgeAction::Apply(map) => {
+                    // A session that was taken over may still have port maps
+                    // in flight: the newer session's map stands.
+                    if !is_current(&state, &conn).await {
+                        return Err(ControlError::Io(std::io::Error::other(
+                            "taken over by a newer session",
+                        )));
+                    }
                     let generation = map.generation;
                     let results = state.ports.lock().await.apply(map);
                     write_message(&mut send, &session.applied(generation, results)).await?;
@@ -187,6 +193,18 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<ControlState>) {
         *current = None;
         state.pool.end_session();
     }
+}
+
+/// The close reason a taken-over home-agent reads: it tells the user why.
+pub const SUPERSEDED_REASON: &[u8] = b"another home-agent session took over this edge";
+
+async fn is_current(state: &ControlState, conn: &quinn::Connection) -> bool {
+    state
+        .current
+        .lock()
+        .await
+        .as_ref()
+        .is_some_and(|c| c.stable_id() == conn.stable_id())
 }
 
 /// A home-agent that has just created this edge's droplet connects once to

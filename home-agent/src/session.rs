@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use skerry::control::{MessageReader, write_message};
+use skerry::control::{MessageReader, close_code, write_message};
 use skerry::flow::{TCP_FLOW_PORT, UDP_FLOW_PORT};
 use skerry::pki::{EDGE_SERVER_NAME, HomePki};
 use skerry::portmap::PortMap;
@@ -29,6 +29,22 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const PING_INTERVAL: Duration = Duration::from_secs(15);
 /// A session that lasted this long resets the backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(30);
+/// The wait before reconnecting after another home-agent took the edge
+/// over: long enough that two agents sharing an edge by mistake do not cut
+/// each other's flows off every few seconds, short enough that a restart
+/// which overlapped its predecessor gets the edge back soon.
+const TAKEN_OVER_WAIT: Duration = Duration::from_secs(30);
+
+/// The edge closed this session because another home-agent session took
+/// it over: a second agent configured for the same edge, or this agent's
+/// own restart that overlapped.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "another home-agent took over the edge at {edge}: stop the other one, or give this one its own edge (--name)"
+)]
+pub struct TakenOver {
+    pub edge: SocketAddr,
+}
 
 /// What the running agent knows, for the CLI and for status.
 #[derive(Debug, Clone, Default)]
@@ -108,7 +124,11 @@ pub async fn run(
                 if started.elapsed() > STABLE_SESSION {
                     backoff.reset();
                 }
-                let wait = backoff.next_delay(rand::random::<f64>());
+                let wait = if e.is::<TakenOver>() {
+                    TAKEN_OVER_WAIT
+                } else {
+                    backoff.next_delay(rand::random::<f64>())
+                };
                 warn!(error = %format!("{e:#}"), retry_in = ?wait, "control channel lost; reconnecting (the tunnel keeps carrying flows)");
                 status.send_modify(|s| s.last_error = Some(format!("{e:#}")));
                 tokio::select! {
@@ -161,6 +181,27 @@ async fn session(
             opts.edge
         )
     })??;
+    let result = drive(opts, &conn, key, plane, map, status, shutdown).await;
+    match conn.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(c))
+            if c.error_code == quinn::VarInt::from_u32(close_code::SUPERSEDED) =>
+        {
+            Err(TakenOver { edge: opts.edge }.into())
+        }
+        _ => result,
+    }
+}
+
+/// One established control connection, until it ends.
+async fn drive(
+    opts: &HomeOptions,
+    conn: &quinn::Connection,
+    key: &WireguardKey,
+    plane: &mut Option<DataPlane>,
+    map: &mut watch::Receiver<PortMap>,
+    status: &watch::Sender<HomeStatus>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
     let (mut send, recv) = conn.open_bi().await.context("opening the control stream")?;
     let mut reader = MessageReader::new(recv);
     let (mut session, hello) = HomeSession::start(key.public());

@@ -9,6 +9,18 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::frame::FrameDecoder;
 use crate::protocol::{Message, ProtocolError};
 
+/// QUIC application close codes of the control connection: the edge closes
+/// with them and the home-agent reads them, so they are part of the wire
+/// contract.
+pub mod close_code {
+    /// The edge is shutting down (also a home-agent's probe, closing).
+    pub const SHUTDOWN: u32 = 0;
+    /// The peer broke the protocol; the reason says how.
+    pub const PROTOCOL: u32 = 1;
+    /// Another home-agent session took over the edge.
+    pub const SUPERSEDED: u32 = 2;
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error("control stream: {0}")]
