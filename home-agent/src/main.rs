@@ -33,6 +33,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Connect to an edge and serve the given ports until stopped.
@@ -57,6 +59,8 @@ enum Command {
         /// $XDG_CONFIG_HOME/skerry/<name>.toml when it exists).
         #[arg(long)]
         config: Option<PathBuf>,
+        #[command(flatten)]
+        tunnel: TunnelArgs,
         #[command(flatten)]
         droplet: home_agent::provision::DropletArgs,
     },
@@ -100,15 +104,41 @@ enum Command {
         control_port: u16,
         #[arg(long, default_value_t = DEFAULT_WIREGUARD_PORT)]
         wireguard_port: u16,
-        /// The edge's tunnel address.
-        #[arg(long, default_value_t = TunnelAddrs::DEFAULT.edge())]
-        tunnel_edge: std::net::Ipv4Addr,
-        /// The home's tunnel address.
-        #[arg(long, default_value_t = TunnelAddrs::DEFAULT.home())]
-        tunnel_home: std::net::Ipv4Addr,
-        #[arg(long, default_value_t = TunnelAddrs::DEFAULT.prefix_len())]
-        tunnel_prefix: u8,
+        #[command(flatten)]
+        tunnel: TunnelArgs,
     },
+}
+
+/// The tunnel's private addresses, for an edge this command makes. Change
+/// them when the defaults collide with a network the home already routes.
+#[derive(clap::Args)]
+struct TunnelArgs {
+    /// The edge's tunnel address [default: 10.77.0.1].
+    #[arg(long, value_name = "IPV4")]
+    tunnel_edge: Option<std::net::Ipv4Addr>,
+    /// The home's tunnel address [default: 10.77.0.2].
+    #[arg(long, value_name = "IPV4")]
+    tunnel_home: Option<std::net::Ipv4Addr>,
+    /// The tunnel subnet's prefix length, 8 to 30 [default: 30].
+    #[arg(long, value_name = "LEN")]
+    tunnel_prefix: Option<u8>,
+}
+
+impl TunnelArgs {
+    fn given(&self) -> bool {
+        self.tunnel_edge.is_some() || self.tunnel_home.is_some() || self.tunnel_prefix.is_some()
+    }
+
+    /// The addresses asked for, the defaults for what was not.
+    fn addrs(&self) -> anyhow::Result<TunnelAddrs> {
+        let d = TunnelAddrs::DEFAULT;
+        TunnelAddrs::new(
+            self.tunnel_edge.unwrap_or(d.edge()),
+            self.tunnel_home.unwrap_or(d.home()),
+            self.tunnel_prefix.unwrap_or(d.prefix_len()),
+        )
+        .context("--tunnel-edge, --tunnel-home and --tunnel-prefix")
+    }
 }
 
 #[derive(Subcommand)]
@@ -153,11 +183,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             out,
             control_port,
             wireguard_port,
-            tunnel_edge,
-            tunnel_home,
-            tunnel_prefix,
+            tunnel,
         } => {
-            let tunnel = TunnelAddrs::new(tunnel_edge, tunnel_home, tunnel_prefix)?;
+            let tunnel = tunnel.addrs()?;
             let dir = paths::state_dir(&name)?;
             let pki = HomePki::load_or_create(&dir)?;
             Bootstrap::from_pki(&pki, control_port, wireguard_port, tunnel)
@@ -177,6 +205,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             udp_idle,
             drain_grace,
             config,
+            tunnel,
             droplet,
         } => connect(
             &edge,
@@ -186,6 +215,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 udp_idle,
                 drain_grace,
                 config,
+                tunnel,
                 droplet,
             },
         ),
@@ -227,6 +257,13 @@ fn connect(
     tuning: Tuning,
 ) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
+    if tuning.tunnel.given() && edge != "local" && edge != "droplet" {
+        bail!(
+            "--tunnel-* choose the addresses of an edge this command makes (local or droplet); \
+             an edge you run has them in its bootstrap file: home-agent edge-bootstrap --tunnel-…"
+        );
+    }
+    let tunnel = tuning.tunnel.addrs()?;
     let (cli_map, mut refused) = parse_ports(specs);
     let config_file = match tuning.config {
         Some(p) => Some(p),
@@ -257,7 +294,7 @@ fn connect(
 
     let local = match edge {
         "local" => {
-            let e = LocalEdge::start(&name, &state.pki, TunnelAddrs::DEFAULT)?;
+            let e = LocalEdge::start(&name, &state.pki, tunnel)?;
             step(
                 started,
                 &format!("local edge started in network namespace {}", e.namespace()),
@@ -274,7 +311,10 @@ fn connect(
             let provisioned = runtime.block_on(async {
                 tokio::spawn(skerry::shutdown::on_signal(cancel.clone()));
                 home_agent::provision::connect(
-                    &tuning.droplet,
+                    &home_agent::provision::DropletArgs {
+                        tunnel,
+                        ..tuning.droplet.clone()
+                    },
                     &name,
                     &dir,
                     &state.pki,
@@ -284,6 +324,11 @@ fn connect(
                 .await
             })?;
             println!("edge: {provisioned}");
+            if tuning.tunnel.given() && !provisioned.created {
+                eprintln!(
+                    "home-agent: the droplet was there already: it keeps the tunnel addresses it was made with, not --tunnel-* (destroy it to make one with them)"
+                );
+            }
             provisioned.control
         }
         None => runtime.block_on(resolve(edge))?,
@@ -364,6 +409,7 @@ struct Tuning {
     udp_idle: Duration,
     drain_grace: Duration,
     config: Option<PathBuf>,
+    tunnel: TunnelArgs,
     droplet: home_agent::provision::DropletArgs,
 }
 

@@ -20,6 +20,7 @@ use home_agent::{HomeOptions, HomeState, HomeStatus};
 use skerry::bootstrap::Bootstrap;
 use skerry::paths::{EdgeName, StateLock};
 use skerry::pki::HomePki;
+use skerry::tunnel::TunnelAddrs;
 use skerry_tests::agents::{SETTLE, block_on, port_map};
 use skerry_tests::fake_do::{Boot, FakeDo, Fault, World};
 use skerry_tests::{Background, init_tracing, run_in, spawn_in, tcp_listener_in, unique};
@@ -308,6 +309,10 @@ fn droplet_edge_serves_then_reattaches_then_is_destroyed() {
     let home = Home::new(TOKEN);
     let mut args = home.args(&fake);
     args.reserved_ip = Some(rip);
+    // Not the default tunnel addresses: `connect --tunnel-*` reach the edge.
+    let tunnel = TunnelAddrs::new(Ipv4Addr::new(10, 99, 9, 1), Ipv4Addr::new(10, 99, 9, 2), 29)
+        .expect("tunnel addresses");
+    args.tunnel = tunnel;
     let spec = format!("tcp/8080={service}");
 
     let first = Session::start(world, &home, args.clone(), spec.clone());
@@ -329,7 +334,8 @@ fn droplet_edge_serves_then_reattaches_then_is_destroyed() {
         first.phases
     );
     let user_data = fake.user_data(ids[0]).expect("user data");
-    Bootstrap::parse(&user_data).expect("the user data is the bootstrap");
+    let bootstrap = Bootstrap::parse(&user_data).expect("the user data is the bootstrap");
+    assert_eq!(bootstrap.tunnel, tunnel, "the edge's tunnel addresses");
     assert!(!user_data.contains(TOKEN), "the token went to the edge");
     let record = std::fs::read_to_string(home.dir.join(STATE_FILE)).expect("droplet.json");
     assert!(record.contains(&ids[0].to_string()), "{record}");

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use skerry::paths::EdgeName;
 use skerry::pki::HomePki;
+use skerry::tunnel::TunnelAddrs;
 use tokio_util::sync::CancellationToken;
 
 pub use digitalocean::{ApiError, ApiToken, Client, ClientOptions, DEFAULT_API_URL};
@@ -78,6 +79,10 @@ pub struct DropletArgs {
     /// How long a droplet may take until its edge-agent answers.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     pub ready_timeout: Duration,
+    /// The tunnel addresses of a new droplet (`connect` sets them from its
+    /// `--tunnel-*`).
+    #[arg(skip)]
+    pub tunnel: TunnelAddrs,
     #[command(flatten)]
     pub api: ApiArgs,
 }
@@ -93,6 +98,7 @@ impl DropletArgs {
             reserved_ip: d.reserved_ip,
             cleanup_on_failure: d.cleanup_on_failure,
             ready_timeout: d.ready_timeout,
+            tunnel: d.tunnel,
             api,
         }
     }
@@ -105,6 +111,7 @@ impl DropletArgs {
             reserved_ip: self.reserved_ip,
             cleanup_on_failure: self.cleanup_on_failure,
             ready_timeout: self.ready_timeout,
+            tunnel: self.tunnel,
             ..DropletOptions::default()
         }
     }

@@ -1,0 +1,153 @@
+//! `connect --tunnel-*`: the tunnel's private addresses are the user's to
+//! choose for an edge the command makes, and refused with a reason where
+//! they cannot apply.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const GREETING: &[u8] = b"hello over a tunnel of the user's choosing\n";
+
+fn home_agent() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_home-agent"));
+    // Its own state, config and runtime dirs: nothing of the user's.
+    let dir = std::env::temp_dir().join(format!("skerry-tunnel-addrs-{}", std::process::id()));
+    for (var, sub) in [
+        ("XDG_STATE_HOME", "state"),
+        ("XDG_CONFIG_HOME", "config"),
+        ("XDG_RUNTIME_DIR", "run"),
+    ] {
+        let d = dir.join(sub);
+        std::fs::create_dir_all(&d).expect("scratch dir");
+        c.env(var, d);
+    }
+    c
+}
+
+/// Stops the agent as Ctrl-C would, so it removes its namespace and TUN.
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.0.id()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGINT,
+            );
+        }
+        let _ = self.0.wait();
+    }
+}
+
+fn ip(args: &[&str]) -> String {
+    let out = Command::new("ip").args(args).output().expect("ip");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_local_edge_uses_the_tunnel_addresses_given() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test runs a local edge (network namespace, TUN devices): run the suite as root (sudo ./scripts/test)"
+    );
+    let service = TcpListener::bind("127.0.0.1:0").expect("service");
+    let target = service.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for mut s in service.incoming().flatten() {
+            let _ = s.write_all(GREETING);
+        }
+    });
+    let name = format!("ta{}", std::process::id() % 100_000);
+    let mut child = home_agent()
+        .args(["connect", "--edge", "local", "--name", &name])
+        .args(["--tunnel-edge", "10.99.7.1", "--tunnel-home", "10.99.7.2"])
+        .args(["--tunnel-prefix", "29", "-p", &format!("tcp/8080={target}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting home-agent");
+    let stdout = child.stdout.take().expect("stdout");
+    let agent = Agent(child);
+
+    // Read on to the end: the agent prints more, and a closed pipe would
+    // fail its writes.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(rest) = line.strip_prefix("public address: ") {
+                let _ = tx.send(rest.split(',').next().map(|a| a.trim().to_owned()));
+            }
+        }
+    });
+    let public: Ipv4Addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .ok()
+        .flatten()
+        .expect("the agent did not print its public address within 60 s")
+        .parse()
+        .expect("an IPv4 public address first");
+
+    // Both ends of the tunnel carry the addresses asked for.
+    let edge_addrs = ip(&["-n", &format!("skerry-{name}"), "-4", "addr", "show"]);
+    assert!(
+        edge_addrs.contains("10.99.7.1/29"),
+        "the edge's tunnel address: {edge_addrs}"
+    );
+    let home_addrs = ip(&["-4", "addr", "show", "dev", &format!("sk-{name}")]);
+    assert!(
+        home_addrs.contains("10.99.7.2/29"),
+        "the home's tunnel address: {home_addrs}"
+    );
+
+    // And the service is served through them.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let got = loop {
+        let attempt = TcpStream::connect_timeout(&(public, 8080).into(), Duration::from_secs(2))
+            .and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                let mut got = Vec::new();
+                s.read_to_end(&mut got)?;
+                Ok(got)
+            });
+        match attempt {
+            Ok(got) if got == GREETING => break got,
+            other if Instant::now() > deadline => panic!("no greeting through the edge: {other:?}"),
+            _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    assert_eq!(got, GREETING);
+    drop(agent);
+}
+
+#[test]
+fn tunnel_addresses_are_refused_where_they_cannot_apply() {
+    // An edge the user runs has its addresses in its bootstrap file.
+    let out = home_agent()
+        .args([
+            "connect",
+            "--edge",
+            "127.0.0.1:7443",
+            "--name",
+            "ta-refused",
+        ])
+        .args(["--tunnel-edge", "10.99.8.1", "-p", "tcp/8080=127.0.0.1:80"])
+        .output()
+        .expect("home-agent");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("edge-bootstrap --tunnel-"), "{stderr}");
+
+    // Addresses that are not one subnet.
+    let out = home_agent()
+        .args(["connect", "--edge", "local", "--name", "ta-refused"])
+        .args(["--tunnel-edge", "10.99.8.1", "--tunnel-home", "10.99.9.2"])
+        .output()
+        .expect("home-agent");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--tunnel-edge") && stderr.contains("not in one /30"),
+        "{stderr}"
+    );
+}
