@@ -16,6 +16,17 @@
 //! | [`config`] | the port map as a file the running agent follows |
 #![forbid(unsafe_code)]
 
+/// Prints a line for the user on stdout, and goes on when stdout is gone:
+/// `println!` panics on a closed pipe (`home-agent connect … | head`), and
+/// a running agent must not stop because its output is no longer read.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 pub mod admin;
 pub mod backoff;
 pub mod config;

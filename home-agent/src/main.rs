@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use home_agent::local_edge::LocalEdge;
 use std::sync::Arc;
 
-use home_agent::{HomeOptions, HomeState, HomeStatus, admin};
+use home_agent::{HomeOptions, HomeState, HomeStatus, admin, say};
 use skerry::bootstrap::{Bootstrap, DEFAULT_CONTROL_PORT, DEFAULT_WIREGUARD_PORT};
 use skerry::paths::{self, EdgeName};
 use skerry::pki::HomePki;
@@ -191,11 +191,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Bootstrap::from_pki(&pki, control_port, wireguard_port, tunnel)
                 .write_to(&out)
                 .with_context(|| format!("writing {}", out.display()))?;
-            println!(
+            say!(
                 "wrote {} (mode 0600): copy it to the edge and run",
                 out.display()
             );
-            println!("  edge-agent run --bootstrap {}", out.display());
+            say!("  edge-agent run --bootstrap {}", out.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Connect {
@@ -224,7 +224,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            println!(
+            say!(
                 "{}",
                 runtime.block_on(home_agent::provision::destroy(&api, &name))?
             );
@@ -235,7 +235,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            println!("{}", runtime.block_on(home_agent::provision::list(&api))?);
+            say!("{}", runtime.block_on(home_agent::provision::list(&api))?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Ports { op, name, json } => {
@@ -275,7 +275,7 @@ fn connect(
             let mut file_specs = home_agent::config::read(path).with_context(|| {
                 "the config file is refused; fix it and start again".to_string()
             })?;
-            println!("port map from {}", path.display());
+            say!("port map from {}", path.display());
             file_specs.extend(cli_map.specs().iter().cloned());
             let (map, errors) = PortMap::from_specs(1, file_specs);
             if let Some((i, e)) = errors.first() {
@@ -323,7 +323,7 @@ fn connect(
                 )
                 .await
             })?;
-            println!("edge: {provisioned}");
+            say!("edge: {provisioned}");
             if tuning.tunnel.given() && !provisioned.created {
                 eprintln!(
                     "home-agent: the droplet was there already: it keeps the tunnel addresses it was made with, not --tunnel-* (destroy it to make one with them)"
@@ -382,7 +382,7 @@ fn connect(
             }
             () = shutdown.cancelled() => {}
         }
-        println!("serving; Ctrl-C to stop; change ports live with `home-agent ports add|rm --name {name}`");
+        say!("serving; Ctrl-C to stop; change ports live with `home-agent ports add|rm --name {name}`");
         shutdown.cancelled().await;
         if let Ok(Err(e)) = admin_task.await {
             eprintln!("home-agent: admin socket {}: {e}", socket.display());
@@ -394,7 +394,7 @@ fn connect(
     });
     if let Some(l) = local {
         l.stop()?;
-        println!("local edge stopped and its namespace removed");
+        say!("local edge stopped and its namespace removed");
     }
     result?;
     Ok(if refused > 0 {
@@ -423,7 +423,7 @@ fn admin_command(name: &EdgeName, req: &admin::Request, json: bool) -> anyhow::R
         .context("starting the async runtime")?;
     let response = runtime.block_on(admin::request(&socket, req))?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&response)?);
+        say!("{}", serde_json::to_string_pretty(&response)?);
     }
     let ok = match &response {
         admin::Response::Changed(c) => c.all_ok(),
@@ -443,19 +443,21 @@ fn admin_command(name: &EdgeName, req: &admin::Request, json: bool) -> anyhow::R
 fn print_response(response: &admin::Response) {
     let print_ports = |ports: &[admin::PortReport]| {
         if ports.is_empty() {
-            println!("  (no ports)");
+            say!("  (no ports)");
         }
         for p in ports {
             let mark = if p.ok { "✓" } else { "✗" };
-            println!(
+            say!(
                 "  {mark} {:<58} {:<12} {} open",
-                p.spec, p.state, p.open_flows
+                p.spec,
+                p.state,
+                p.open_flows
             );
         }
     };
     match response {
         admin::Response::Status(s) => {
-            println!(
+            say!(
                 "edge {} ({}): {}",
                 s.name,
                 s.edge,
@@ -465,32 +467,33 @@ fn print_response(response: &admin::Response) {
                     "not connected"
                 }
             );
-            println!("  public address: {}", s.public_addrs.join(", "));
+            say!("  public address: {}", s.public_addrs.join(", "));
             match s.last_handshake_secs {
-                Some(age) if s.tunnel_up => println!("  tunnel: up, last handshake {age:.0} s ago"),
-                _ => println!("  tunnel: down"),
+                Some(age) if s.tunnel_up => say!("  tunnel: up, last handshake {age:.0} s ago"),
+                _ => say!("  tunnel: down"),
             }
-            println!(
+            say!(
                 "  traffic: {} sent, {} received (tunnel bytes)",
-                s.tx_bytes, s.rx_bytes
+                s.tx_bytes,
+                s.rx_bytes
             );
             if let Some(f) = &s.config_file {
-                println!("  config file: {f}");
+                say!("  config file: {f}");
             }
             if let Some(e) = &s.config_error {
-                println!("  config file refused: {e}");
+                say!("  config file refused: {e}");
             }
             if let Some(e) = &s.last_error {
-                println!("  last error: {e}");
+                say!("  last error: {e}");
             }
-            println!("  ports (generation {}):", s.generation);
+            say!("  ports (generation {}):", s.generation);
             print_ports(&s.ports);
         }
         admin::Response::Ports { ports } => print_ports(ports),
         admin::Response::Changed(c) => {
             for e in &c.entries {
                 let mark = if e.ok { "✓" } else { "✗" };
-                println!(
+                say!(
                     "  {mark} {}: {}",
                     e.input,
                     if e.message.is_empty() {
@@ -501,7 +504,7 @@ fn print_response(response: &admin::Response) {
                 );
             }
             if let Some(n) = &c.note {
-                println!("note: {n}");
+                say!("note: {n}");
             }
         }
         admin::Response::Error { message } => eprintln!("home-agent: {message}"),
@@ -553,7 +556,7 @@ async fn resolve(edge: &str) -> anyhow::Result<SocketAddr> {
 }
 
 fn step(started: Instant, what: &str) {
-    println!("  ✓ {what:<60} {:>6.1}s", started.elapsed().as_secs_f64());
+    say!("  ✓ {what:<60} {:>6.1}s", started.elapsed().as_secs_f64());
 }
 
 /// Prints each phase as it completes; returns how many ports the edge refused.
@@ -564,7 +567,7 @@ async fn report_progress(
     mut status: watch::Receiver<HomeStatus>,
     local: Option<&LocalEdge>,
 ) -> anyhow::Result<usize> {
-    println!("connecting to the edge at {edge} …");
+    say!("connecting to the edge at {edge} …");
     let s = status
         .wait_for(|s| s.connected || s.last_error.is_some())
         .await?
@@ -605,17 +608,17 @@ async fn report_progress(
             .find(|s| s.key() == r.key)
             .map_or_else(String::new, |s| format!(" → {}", s.target));
         if r.status.is_ok() {
-            println!("  ✓ {}{target}: {}", r.key, r.status);
+            say!("  ✓ {}{target}: {}", r.key, r.status);
         } else {
             refused += 1;
-            println!("  ✗ {}{target}: {}", r.key, r.status);
+            say!("  ✗ {}{target}: {}", r.key, r.status);
         }
     }
     let addrs = status.borrow().edge_public_addrs.clone();
     let shown: Vec<String> = addrs.iter().map(ToString::to_string).collect();
-    println!("public address: {}", shown.join(", "));
+    say!("public address: {}", shown.join(", "));
     if let (Some(l), Some(first)) = (local, map.specs().first()) {
-        println!(
+        say!(
             "  try it from this host: {} {}:{}",
             if first.protocol == skerry::portmap::Protocol::Tcp {
                 "nc -v"

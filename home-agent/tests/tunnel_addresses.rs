@@ -25,18 +25,25 @@ fn home_agent() -> Command {
     c
 }
 
-/// Stops the agent as Ctrl-C would, so it removes its namespace and TUN.
+/// Stops the agent as Ctrl-C would, so it removes its namespace and TUN
+/// (also when the test fails half-way).
 struct Agent(Child);
 
-impl Drop for Agent {
-    fn drop(&mut self) {
+impl Agent {
+    fn stop(&mut self) -> std::io::Result<std::process::ExitStatus> {
         if let Ok(pid) = i32::try_from(self.0.id()) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGINT,
             );
         }
-        let _ = self.0.wait();
+        self.0.wait()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.stop();
     }
 }
 
@@ -68,15 +75,16 @@ fn a_local_edge_uses_the_tunnel_addresses_given() {
         .spawn()
         .expect("starting home-agent");
     let stdout = child.stdout.take().expect("stdout");
-    let agent = Agent(child);
+    let mut agent = Agent(child);
 
-    // Read on to the end: the agent prints more, and a closed pipe would
-    // fail its writes.
+    // Stop reading at the public address and close the pipe, as
+    // `connect … | head` would: the agent prints more, and must go on.
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             if let Some(rest) = line.strip_prefix("public address: ") {
                 let _ = tx.send(rest.split(',').next().map(|a| a.trim().to_owned()));
+                return;
             }
         }
     });
@@ -117,7 +125,15 @@ fn a_local_edge_uses_the_tunnel_addresses_given() {
         }
     };
     assert_eq!(got, GREETING);
-    drop(agent);
+    let status = agent.stop().expect("waiting for the agent");
+    assert!(
+        status.success(),
+        "the agent did not stop cleanly with its stdout closed: {status}"
+    );
+    assert!(
+        !ip(&["netns", "list"]).contains(&format!("skerry-{name}")),
+        "the local edge's namespace is left behind"
+    );
 }
 
 #[test]

@@ -174,9 +174,9 @@ pub async fn list(api: &ApiArgs) -> anyhow::Result<String> {
 /// wait that begins as `  … what`, a step done as `  ✓ what   12.3s`.
 pub fn print_phase(started: Instant, phase: &Phase) {
     if phase.is_start() {
-        println!("  … {phase}");
+        crate::say!("  … {phase}");
     } else {
-        println!(
+        crate::say!(
             "  ✓ {:<60} {:>6.1}s",
             phase.to_string(),
             started.elapsed().as_secs_f64()
