@@ -15,6 +15,10 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::flow_pool::FlowPool;
 use crate::ports::PortTable;
 
+/// The close reason sent with [`close_code::SUPERSEDED`], for people: the
+/// home-agent acts on the code.
+const SUPERSEDED_REASON: &[u8] = b"another home-agent session took over this edge";
+
 /// What the control server shares with each session.
 #[derive(Debug)]
 pub struct ControlState {
@@ -23,7 +27,9 @@ pub struct ControlState {
     pub ports: Arc<Mutex<PortTable>>,
     /// In-tunnel flows opened ahead, good for one home-agent session.
     pub pool: Arc<FlowPool>,
-    /// The established session, closed when a newer one takes over.
+    /// The established session, closed when a newer one takes over. Held
+    /// through a whole take-over and a port map's apply; taken before
+    /// `ports`, never after it.
     current: Mutex<Option<quinn::Connection>>,
 }
 
@@ -145,6 +151,7 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<ControlState>) {
                     // handed out once the tunnel leads to this one.
                     state.pool.end_session();
                     if state.tunnel.set_peer(home_key).await.is_err() {
+                        // The edge is stopping: nothing to put back.
                         return Err(ControlError::Io(std::io::Error::other("tunnel stopped")));
                     }
                     if let Some(old) = current.replace(conn.clone()) {
@@ -161,14 +168,17 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<ControlState>) {
                 }
                 EdgeAction::Apply(map) => {
                     // A session that was taken over may still have port maps
-                    // in flight: the newer session's map stands.
-                    if !is_current(&state, &conn).await {
+                    // in flight: the newer session's map stands. Held
+                    // through the apply, so no take-over slips in between.
+                    let current = state.current.lock().await;
+                    if !is_this(&current, &conn) {
                         return Err(ControlError::Io(std::io::Error::other(
                             "taken over by a newer session",
                         )));
                     }
                     let generation = map.generation;
                     let results = state.ports.lock().await.apply(map);
+                    drop(current);
                     write_message(&mut send, &session.applied(generation, results)).await?;
                 }
                 EdgeAction::Reply(m) => write_message(&mut send, &m).await?,
@@ -186,23 +196,15 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<ControlState>) {
         Err(ControlError::Io(e)) => info!(reason = %e, "control session ended"),
     }
     let mut current = state.current.lock().await;
-    if current
-        .as_ref()
-        .is_some_and(|c| c.stable_id() == conn.stable_id())
-    {
+    if is_this(&current, &conn) {
         *current = None;
         state.pool.end_session();
     }
 }
 
-/// The close reason a taken-over home-agent reads: it tells the user why.
-pub const SUPERSEDED_REASON: &[u8] = b"another home-agent session took over this edge";
-
-async fn is_current(state: &ControlState, conn: &quinn::Connection) -> bool {
-    state
-        .current
-        .lock()
-        .await
+/// Whether `conn` is the current session.
+fn is_this(current: &Option<quinn::Connection>, conn: &quinn::Connection) -> bool {
+    current
         .as_ref()
         .is_some_and(|c| c.stable_id() == conn.stable_id())
 }
@@ -210,7 +212,7 @@ async fn is_current(state: &ControlState, conn: &quinn::Connection) -> bool {
 /// A home-agent that has just created this edge's droplet connects once to
 /// see it answer, then closes with code 0: not a failure worth a warning.
 fn is_probe(e: &quinn::ConnectionError) -> bool {
-    matches!(e, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == quinn::VarInt::from_u32(0))
+    matches!(e, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == quinn::VarInt::from_u32(close_code::SHUTDOWN))
 }
 
 async fn refuse(send: &mut quinn::SendStream, conn: &quinn::Connection, e: &ProtocolError) {

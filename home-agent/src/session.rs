@@ -40,7 +40,7 @@ const TAKEN_OVER_WAIT: Duration = Duration::from_secs(30);
 /// own restart that overlapped.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "another home-agent took over the edge at {edge}: stop the other one, or give this one its own edge (--name)"
+    "another home-agent took over the edge at {edge} (if this keeps happening, two agents use it: stop one, or give it its own edge with --name)"
 )]
 pub struct TakenOver {
     pub edge: SocketAddr,
@@ -125,11 +125,13 @@ pub async fn run(
                     backoff.reset();
                 }
                 let wait = if e.is::<TakenOver>() {
+                    warn!(error = %format!("{e:#}"), retry_in = ?TAKEN_OVER_WAIT, "the edge serves another home-agent now; taking it back later");
                     TAKEN_OVER_WAIT
                 } else {
-                    backoff.next_delay(rand::random::<f64>())
+                    let wait = backoff.next_delay(rand::random::<f64>());
+                    warn!(error = %format!("{e:#}"), retry_in = ?wait, "control channel lost; reconnecting (the tunnel keeps carrying flows)");
+                    wait
                 };
-                warn!(error = %format!("{e:#}"), retry_in = ?wait, "control channel lost; reconnecting (the tunnel keeps carrying flows)");
                 status.send_modify(|s| s.last_error = Some(format!("{e:#}")));
                 tokio::select! {
                     () = shutdown.cancelled() => break Ok(()),
@@ -138,7 +140,10 @@ pub async fn run(
             }
         }
     };
-    endpoint.close(quinn::VarInt::from_u32(0), b"home-agent stopping");
+    endpoint.close(
+        quinn::VarInt::from_u32(close_code::SHUTDOWN),
+        b"home-agent stopping",
+    );
     result
 }
 
@@ -181,15 +186,20 @@ async fn session(
             opts.edge
         )
     })??;
-    let result = drive(opts, &conn, key, plane, map, status, shutdown).await;
-    match conn.close_reason() {
-        Some(quinn::ConnectionError::ApplicationClosed(c))
-            if c.error_code == quinn::VarInt::from_u32(close_code::SUPERSEDED) =>
-        {
-            Err(TakenOver { edge: opts.edge }.into())
-        }
-        _ => result,
+    match drive(opts, &conn, key, plane, map, status, shutdown).await {
+        Err(_) if taken_over(&conn) => Err(TakenOver { edge: opts.edge }.into()),
+        result => result,
     }
+}
+
+/// Whether the edge closed `conn` because another session took it over.
+/// quinn records the close before any stream read or write fails with it.
+fn taken_over(conn: &quinn::Connection) -> bool {
+    matches!(
+        conn.close_reason(),
+        Some(quinn::ConnectionError::ApplicationClosed(c))
+            if c.error_code == quinn::VarInt::from_u32(close_code::SUPERSEDED)
+    )
 }
 
 /// One established control connection, until it ends.
@@ -243,7 +253,7 @@ async fn drive(
         tokio::select! {
             () = shutdown.cancelled() => {
                 let _ = send.finish();
-                conn.close(quinn::VarInt::from_u32(0), b"home-agent stopping");
+                conn.close(quinn::VarInt::from_u32(close_code::SHUTDOWN), b"home-agent stopping");
                 return Ok(());
             }
             changed = map.changed() => {
@@ -298,6 +308,12 @@ async fn ensure_plane(
             info!("the edge has a new WireGuard key (it restarted); re-keying the tunnel");
             p.tunnel.set_peer(welcome.wireguard_key).await?;
             p.edge_key = welcome.wireguard_key;
+        } else {
+            // Same edge, but it may have dropped our session meanwhile (it
+            // served another home-agent): our session would look good to
+            // us for minutes while the edge, which cannot start a handshake
+            // itself, drops what we send. One round trip makes sure.
+            p.tunnel.rehandshake().await?;
         }
         return Ok(p.fwd.clone());
     }

@@ -9,9 +9,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::frame::FrameDecoder;
 use crate::protocol::{Message, ProtocolError};
 
-/// QUIC application close codes of the control connection: the edge closes
-/// with them and the home-agent reads them, so they are part of the wire
-/// contract.
+/// QUIC application close codes of the control connection, sent and read
+/// by both agents: part of the wire contract.
 pub mod close_code {
     /// The edge is shutting down (also a home-agent's probe, closing).
     pub const SHUTDOWN: u32 = 0;

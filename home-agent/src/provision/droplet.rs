@@ -864,7 +864,10 @@ async fn probe_edge(
         let limit = PROBE_TIMEOUT.min(left);
         match tokio::time::timeout(limit, connecting).await {
             Ok(Ok(conn)) => {
-                conn.close(quinn::VarInt::from_u32(0), b"probe done");
+                conn.close(
+                    quinn::VarInt::from_u32(skerry::control::close_code::SHUTDOWN),
+                    b"probe done",
+                );
                 break Ok(());
             }
             Ok(Err(quinn::ConnectionError::TransportError(e))) if is_tls_alert(e.code) => {
@@ -881,7 +884,10 @@ async fn probe_edge(
             .min(deadline.saturating_duration_since(Instant::now()));
         tokio::time::sleep(wait).await;
     };
-    endpoint.close(quinn::VarInt::from_u32(0), b"probe done");
+    endpoint.close(
+        quinn::VarInt::from_u32(skerry::control::close_code::SHUTDOWN),
+        b"probe done",
+    );
     result
 }
 

@@ -83,6 +83,7 @@ pub struct TunnelStats {
 #[derive(Debug)]
 enum Command {
     SetPeer(PublicKey),
+    Handshake,
 }
 
 /// Talks to a running tunnel driver.
@@ -98,6 +99,16 @@ impl TunnelHandle {
     pub async fn set_peer(&self, key: [u8; 32]) -> Result<(), TunnelStopped> {
         self.commands
             .send(Command::SetPeer(PublicKey::from(key)))
+            .await
+            .map_err(|_| TunnelStopped)
+    }
+
+    /// Starts a new handshake now (home side; the edge cannot, it has no
+    /// endpoint until the home's datagrams give it one). For when the peer
+    /// may have dropped the session while ours still looks good.
+    pub async fn rehandshake(&self) -> Result<(), TunnelStopped> {
+        self.commands
+            .send(Command::Handshake)
             .await
             .map_err(|_| TunnelStopped)
     }
@@ -253,6 +264,7 @@ async fn control_loop(
                     set_peer(&ctx, key);
                     initiate(&ctx, &mut out).await;
                 }
+                Some(Command::Handshake) => initiate(&ctx, &mut out).await,
                 None => break,
             },
             _ = tick.tick() => {
