@@ -47,6 +47,9 @@ enum Command {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
+        // A log line that cannot be written is lost, not a panic: the
+        // subscriber's own report of it would go through eprintln!.
+        .log_internal_errors(false)
         .finish()
         .with(skerry::logging::filter_from_env(LevelFilter::INFO))
         .init();

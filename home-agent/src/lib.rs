@@ -22,8 +22,18 @@
 #[macro_export]
 macro_rules! say {
     ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stdout(), $($arg)*);
+        use ::std::io::Write as _;
+        let _ = ::std::writeln!(::std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// [`say!`] for stderr: errors and warnings for the user, which must not
+/// stop a running agent when no one reads them any more either.
+#[macro_export]
+macro_rules! say_err {
+    ($($arg:tt)*) => {{
+        use ::std::io::Write as _;
+        let _ = ::std::writeln!(::std::io::stderr(), $($arg)*);
     }};
 }
 

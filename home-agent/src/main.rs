@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use home_agent::local_edge::LocalEdge;
 use std::sync::Arc;
 
-use home_agent::{HomeOptions, HomeState, HomeStatus, admin, say};
+use home_agent::{HomeOptions, HomeState, HomeStatus, admin, say, say_err};
 use skerry::bootstrap::{Bootstrap, DEFAULT_CONTROL_PORT, DEFAULT_WIREGUARD_PORT};
 use skerry::paths::{self, EdgeName};
 use skerry::pki::HomePki;
@@ -33,8 +33,10 @@ struct Cli {
     command: Command,
 }
 
-// Parsed once at start: the size of its largest variant costs nothing.
-#[allow(clippy::large_enum_variant)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at start: the size of its largest variant costs nothing"
+)]
 #[derive(Subcommand)]
 enum Command {
     /// Connect to an edge and serve the given ports until stopped.
@@ -114,13 +116,13 @@ enum Command {
 #[derive(clap::Args)]
 struct TunnelArgs {
     /// The edge's tunnel address [default: 10.77.0.1].
-    #[arg(long, value_name = "IPV4")]
+    #[arg(long, value_name = "IPV4", requires = "tunnel_home")]
     tunnel_edge: Option<std::net::Ipv4Addr>,
     /// The home's tunnel address [default: 10.77.0.2].
-    #[arg(long, value_name = "IPV4")]
+    #[arg(long, value_name = "IPV4", requires = "tunnel_edge")]
     tunnel_home: Option<std::net::Ipv4Addr>,
     /// The tunnel subnet's prefix length, 8 to 30 [default: 30].
-    #[arg(long, value_name = "LEN")]
+    #[arg(long, value_name = "LEN", value_parser = clap::value_parser!(u8).range(8..=30))]
     tunnel_prefix: Option<u8>,
 }
 
@@ -163,6 +165,9 @@ const EXIT_PORTS_REFUSED: u8 = 3;
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // A log line that cannot be written is lost, not a panic: the
+        // subscriber's own report of it would go through eprintln!.
+        .log_internal_errors(false)
         .finish()
         .with(skerry::logging::filter_from_env(LevelFilter::WARN))
         .init();
@@ -170,7 +175,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("home-agent: {e:#}");
+            say_err!("home-agent: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -324,11 +329,6 @@ fn connect(
                 .await
             })?;
             say!("edge: {provisioned}");
-            if tuning.tunnel.given() && !provisioned.created {
-                eprintln!(
-                    "home-agent: the droplet was there already: it keeps the tunnel addresses it was made with, not --tunnel-* (destroy it to make one with them)"
-                );
-            }
             provisioned.control
         }
         None => runtime.block_on(resolve(edge))?,
@@ -339,6 +339,7 @@ fn connect(
         tun_name: home_agent::tun_name(&name),
         udp_idle: tuning.udp_idle,
         drain_grace: tuning.drain_grace,
+        requested_tunnel: tuning.tunnel.given().then_some(tunnel),
     };
     let result = runtime.block_on(async {
         let shutdown = CancellationToken::new();
@@ -363,7 +364,7 @@ fn connect(
             );
             tokio::spawn(async move {
                 if let Err(e) = follower.await {
-                    eprintln!("home-agent: cannot follow the config file: {e:#}");
+                    say_err!("home-agent: cannot follow the config file: {e:#}");
                 }
             });
         }
@@ -377,7 +378,7 @@ fn connect(
             r = report_progress(started, edge_addr, &map, status_rx, local.as_ref()) => {
                 match r {
                     Ok(n) => refused += n,
-                    Err(e) => eprintln!("home-agent: {e:#}"),
+                    Err(e) => say_err!("home-agent: {e:#}"),
                 }
             }
             () = shutdown.cancelled() => {}
@@ -385,7 +386,7 @@ fn connect(
         say!("serving; Ctrl-C to stop; change ports live with `home-agent ports add|rm --name {name}`");
         shutdown.cancelled().await;
         if let Ok(Err(e)) = admin_task.await {
-            eprintln!("home-agent: admin socket {}: {e}", socket.display());
+            say_err!("home-agent: admin socket {}: {e}", socket.display());
         }
         match agent.await {
             Ok(r) => r,
@@ -507,7 +508,7 @@ fn print_response(response: &admin::Response) {
                 say!("note: {n}");
             }
         }
-        admin::Response::Error { message } => eprintln!("home-agent: {message}"),
+        admin::Response::Error { message } => say_err!("home-agent: {message}"),
     }
 }
 
@@ -524,14 +525,14 @@ fn parse_ports(specs: &[String]) -> (PortMap, usize) {
             }
             Err(e) => {
                 refused += 1;
-                eprintln!("  ✗ {s}: {e}");
+                say_err!("  ✗ {s}: {e}");
             }
         }
     }
     let (map, errors) = PortMap::from_specs(1, good);
     for (i, e) in errors {
         refused += 1;
-        eprintln!("  ✗ {}: {e}", originals.get(i).map_or("?", String::as_str));
+        say_err!("  ✗ {}: {e}", originals.get(i).map_or("?", String::as_str));
     }
     (map, refused)
 }
@@ -574,7 +575,7 @@ async fn report_progress(
         .clone();
     if !s.connected {
         if let Some(e) = &s.last_error {
-            eprintln!("  … {e} (retrying)");
+            say_err!("  … {e} (retrying)");
         }
         status.wait_for(|s| s.connected).await?;
     }

@@ -73,6 +73,9 @@ pub struct HomeOptions {
     pub udp_idle: Duration,
     /// How long flows on a removed port may go on.
     pub drain_grace: Duration,
+    /// The tunnel addresses the user asked for, if any; the edge's own
+    /// (in its Welcome) are the ones used.
+    pub requested_tunnel: Option<TunnelAddrs>,
 }
 
 fn grace_secs(opts: &HomeOptions) -> u32 {
@@ -318,6 +321,14 @@ async fn ensure_plane(
         return Ok(p.fwd.clone());
     }
     let t = welcome.tunnel;
+    if let Some(asked) = opts.requested_tunnel.filter(|asked| *asked != t) {
+        warn!(
+            edge = %format!("{}, {}/{}", t.edge(), t.home(), t.prefix_len()),
+            asked = %format!("{}, {}/{}", asked.edge(), asked.home(), asked.prefix_len()),
+            "the edge was made with other tunnel addresses than --tunnel-* ask for, and keeps them; \
+             to change them, destroy it (home-agent destroy) and connect again"
+        );
+    }
     let tun = device::create(&opts.tun_name, t.home(), t.prefix_len(), DEFAULT_MTU).await?;
     let udp = bind_tunnel_socket(opts.edge).context("binding the tunnel's UDP socket")?;
     let tunnel = driver::spawn(

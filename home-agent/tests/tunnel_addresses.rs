@@ -4,25 +4,42 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 const GREETING: &[u8] = b"hello over a tunnel of the user's choosing\n";
 
-fn home_agent() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_home-agent"));
-    // Its own state, config and runtime dirs: nothing of the user's.
-    let dir = std::env::temp_dir().join(format!("skerry-tunnel-addrs-{}", std::process::id()));
-    for (var, sub) in [
-        ("XDG_STATE_HOME", "state"),
-        ("XDG_CONFIG_HOME", "config"),
-        ("XDG_RUNTIME_DIR", "run"),
-    ] {
-        let d = dir.join(sub);
-        std::fs::create_dir_all(&d).expect("scratch dir");
-        c.env(var, d);
+/// The agent's own state, config and runtime dirs (its CA and keys among
+/// them), removed when the test ends.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        Scratch(
+            std::env::temp_dir().join(format!("skerry-tunnel-addrs-{tag}-{}", std::process::id())),
+        )
     }
-    c
+
+    fn home_agent(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_home-agent"));
+        for (var, sub) in [
+            ("XDG_STATE_HOME", "state"),
+            ("XDG_CONFIG_HOME", "config"),
+            ("XDG_RUNTIME_DIR", "run"),
+        ] {
+            let d = self.0.join(sub);
+            std::fs::create_dir_all(&d).expect("scratch dir");
+            c.env(var, d);
+        }
+        c
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Stops the agent as Ctrl-C would, so it removes its namespace and TUN
@@ -30,14 +47,29 @@ fn home_agent() -> Command {
 struct Agent(Child);
 
 impl Agent {
-    fn stop(&mut self) -> std::io::Result<std::process::ExitStatus> {
+    fn stop(&mut self) -> std::io::Result<ExitStatus> {
+        if let Some(status) = self.0.try_wait()? {
+            return Ok(status);
+        }
         if let Ok(pid) = i32::try_from(self.0.id()) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGINT,
             );
         }
-        self.0.wait()
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.0.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = self.0.kill();
+                return Err(std::io::Error::other(
+                    "the agent did not stop within 30 s of SIGINT",
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
@@ -65,8 +97,11 @@ fn a_local_edge_uses_the_tunnel_addresses_given() {
             let _ = s.write_all(GREETING);
         }
     });
+    let scratch = Scratch::new("local");
     let name = format!("ta{}", std::process::id() % 100_000);
-    let mut child = home_agent()
+    let namespace = format!("skerry-{name}");
+    let mut child = scratch
+        .home_agent()
         .args(["connect", "--edge", "local", "--name", &name])
         .args(["--tunnel-edge", "10.99.7.1", "--tunnel-home", "10.99.7.2"])
         .args(["--tunnel-prefix", "29", "-p", &format!("tcp/8080={target}")])
@@ -80,7 +115,7 @@ fn a_local_edge_uses_the_tunnel_addresses_given() {
     // Stop reading at the public address and close the pipe, as
     // `connect … | head` would: the agent prints more, and must go on.
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
+    let reader = std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             if let Some(rest) = line.strip_prefix("public address: ") {
                 let _ = tx.send(rest.split(',').next().map(|a| a.trim().to_owned()));
@@ -92,12 +127,18 @@ fn a_local_edge_uses_the_tunnel_addresses_given() {
         .recv_timeout(Duration::from_secs(60))
         .ok()
         .flatten()
-        .expect("the agent did not print its public address within 60 s")
+        .unwrap_or_else(|| {
+            panic!(
+                "no public address from the agent within 60 s (exited: {:?})",
+                agent.0.try_wait()
+            )
+        })
         .parse()
         .expect("an IPv4 public address first");
+    reader.join().expect("reader");
 
     // Both ends of the tunnel carry the addresses asked for.
-    let edge_addrs = ip(&["-n", &format!("skerry-{name}"), "-4", "addr", "show"]);
+    let edge_addrs = ip(&["-n", &namespace, "-4", "addr", "show"]);
     assert!(
         edge_addrs.contains("10.99.7.1/29"),
         "the edge's tunnel address: {edge_addrs}"
@@ -125,45 +166,100 @@ fn a_local_edge_uses_the_tunnel_addresses_given() {
         }
     };
     assert_eq!(got, GREETING);
-    let status = agent.stop().expect("waiting for the agent");
+    let status = agent.stop().expect("stopping the agent");
     assert!(
         status.success(),
         "the agent did not stop cleanly with its stdout closed: {status}"
     );
+    let left = ip(&["netns", "list"]);
     assert!(
-        !ip(&["netns", "list"]).contains(&format!("skerry-{name}")),
-        "the local edge's namespace is left behind"
+        !left
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(namespace.as_str())),
+        "the local edge's namespace is left behind: {left}"
     );
+}
+
+/// Runs `home-agent` with `args`; its exit code and stderr.
+fn refused(scratch: &Scratch, args: &[&str]) -> (Option<i32>, String) {
+    let out = scratch
+        .home_agent()
+        .args(args)
+        .output()
+        .expect("home-agent");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
 fn tunnel_addresses_are_refused_where_they_cannot_apply() {
+    let scratch = Scratch::new("refused");
+    let connect = [
+        "connect",
+        "--name",
+        "ta-refused",
+        "-p",
+        "tcp/8080=127.0.0.1:80",
+    ];
+
     // An edge the user runs has its addresses in its bootstrap file.
-    let out = home_agent()
-        .args([
-            "connect",
-            "--edge",
-            "127.0.0.1:7443",
-            "--name",
-            "ta-refused",
-        ])
-        .args(["--tunnel-edge", "10.99.8.1", "-p", "tcp/8080=127.0.0.1:80"])
-        .output()
-        .expect("home-agent");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(stderr.contains("edge-bootstrap --tunnel-"), "{stderr}");
+    let (code, err) = refused(
+        &scratch,
+        &[
+            &connect[..],
+            &["--edge", "127.0.0.1:7443", "--tunnel-prefix", "29"],
+        ]
+        .concat(),
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("edge-bootstrap --tunnel-"), "{err}");
 
     // Addresses that are not one subnet.
-    let out = home_agent()
-        .args(["connect", "--edge", "local", "--name", "ta-refused"])
-        .args(["--tunnel-edge", "10.99.8.1", "--tunnel-home", "10.99.9.2"])
-        .output()
-        .expect("home-agent");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("--tunnel-edge") && stderr.contains("not in one /30"),
-        "{stderr}"
+    let (code, err) = refused(
+        &scratch,
+        &[
+            &connect[..],
+            &["--edge", "local", "--tunnel-edge", "10.99.8.1"],
+            &["--tunnel-home", "10.99.9.2"],
+        ]
+        .concat(),
     );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("--tunnel-edge") && err.contains("not in one /30"),
+        "{err}"
+    );
+
+    // The subnet's broadcast address, which no host can have.
+    let (code, err) = refused(
+        &scratch,
+        &[
+            &connect[..],
+            &["--edge", "local", "--tunnel-edge", "10.99.8.1"],
+            &["--tunnel-home", "10.99.8.3"],
+        ]
+        .concat(),
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("broadcast address"), "{err}");
+
+    // One end without the other, and a prefix out of range: usage errors.
+    let (code, err) = refused(
+        &scratch,
+        &[
+            &connect[..],
+            &["--edge", "local", "--tunnel-edge", "10.99.8.1"],
+        ]
+        .concat(),
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--tunnel-home"), "{err}");
+    let (code, err) = refused(
+        &scratch,
+        &[&connect[..], &["--edge", "local", "--tunnel-prefix", "31"]].concat(),
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("31"), "{err}");
 }

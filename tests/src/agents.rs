@@ -103,6 +103,7 @@ impl Pair {
             tun_name: "skerry-home".into(),
             udp_idle: opts.udp_idle,
             drain_grace: opts.drain_grace,
+            requested_tunnel: None,
         };
         let home_stop = CancellationToken::new();
         let admin_socket = state_dir.join("admin.sock");

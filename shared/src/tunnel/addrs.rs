@@ -37,6 +37,8 @@ pub enum TunnelAddrsError {
     },
     #[error("the edge and home tunnel addresses are both {0}")]
     Same(Ipv4Addr),
+    #[error("tunnel address {addr} cannot be a host's address: {why}")]
+    Unusable { addr: Ipv4Addr, why: &'static str },
 }
 
 impl TunnelAddrs {
@@ -54,6 +56,11 @@ impl TunnelAddrs {
             return Err(TunnelAddrsError::Same(edge));
         }
         let mask = u32::MAX << (32 - u32::from(prefix_len));
+        for addr in [edge, home] {
+            if let Some(why) = unusable(addr, mask) {
+                return Err(TunnelAddrsError::Unusable { addr, why });
+            }
+        }
         if u32::from(edge) & mask != u32::from(home) & mask {
             return Err(TunnelAddrsError::NotInPrefix {
                 edge,
@@ -78,6 +85,28 @@ impl TunnelAddrs {
 
     pub fn prefix_len(&self) -> u8 {
         self.prefix_len
+    }
+}
+
+/// Why `addr` cannot be one end of a point-to-point subnet with `mask`:
+/// the kernel would drop it, route it elsewhere or take it for the
+/// subnet's broadcast, and the tunnel would come up carrying nothing.
+fn unusable(addr: Ipv4Addr, mask: u32) -> Option<&'static str> {
+    let host = u32::from(addr) & !mask;
+    if addr.is_loopback() {
+        Some("it is a loopback address (127.0.0.0/8)")
+    } else if addr.is_multicast() {
+        Some("it is a multicast address (224.0.0.0/4)")
+    } else if addr.octets()[0] == 0 {
+        Some("0.0.0.0/8 is not routed")
+    } else if addr.octets()[0] >= 240 {
+        Some("240.0.0.0/4 is reserved")
+    } else if host == 0 {
+        Some("it is the subnet's network address (the host part is all zeros)")
+    } else if host == !mask {
+        Some("it is the subnet's broadcast address (the host part is all ones)")
+    } else {
+        None
     }
 }
 
@@ -127,5 +156,37 @@ mod tests {
             TunnelAddrs::new(Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2), 31),
             Err(TunnelAddrsError::Prefix(31))
         );
+    }
+
+    #[test]
+    fn refuses_addresses_no_host_can_have() {
+        let unusable = |edge: [u8; 4], home: [u8; 4], prefix| {
+            matches!(
+                TunnelAddrs::new(edge.into(), home.into(), prefix),
+                Err(TunnelAddrsError::Unusable { .. })
+            )
+        };
+        assert!(unusable([127, 0, 0, 1], [127, 0, 0, 2], 30), "loopback");
+        assert!(unusable([224, 0, 0, 1], [224, 0, 0, 2], 30), "multicast");
+        assert!(unusable([0, 0, 0, 1], [0, 0, 0, 2], 30), "0/8");
+        assert!(unusable([240, 0, 0, 1], [240, 0, 0, 2], 30), "240/4");
+        assert!(
+            unusable([10, 77, 0, 0], [10, 77, 0, 1], 30),
+            "network address"
+        );
+        assert!(
+            unusable([10, 77, 0, 1], [10, 77, 0, 3], 30),
+            "broadcast address"
+        );
+        assert!(
+            unusable([10, 1, 0, 0], [10, 1, 0, 1], 16),
+            "network address of a /16"
+        );
+        // Ordinary ends of small and large subnets are fine, the
+        // benchmark's and the tests' among them.
+        assert!(TunnelAddrs::new([10, 77, 0, 1].into(), [10, 77, 0, 2].into(), 30).is_ok());
+        assert!(TunnelAddrs::new([198, 18, 3, 1].into(), [198, 18, 3, 2].into(), 30).is_ok());
+        assert!(TunnelAddrs::new([10, 99, 7, 1].into(), [10, 99, 7, 6].into(), 29).is_ok());
+        assert!(TunnelAddrs::new([10, 1, 0, 255].into(), [10, 1, 1, 0].into(), 16).is_ok());
     }
 }

@@ -26,6 +26,49 @@ pub enum DeviceError {
     Netlink(std::io::Error),
     #[error("netlink refused to configure {name}: {reason}")]
     Configure { name: String, reason: String },
+    #[error(
+        "the tunnel's subnet {subnet} overlaps {other_if}'s {other}: choose other tunnel addresses \
+         (--tunnel-edge, --tunnel-home, --tunnel-prefix; for an edge you run, in edge-bootstrap)"
+    )]
+    SubnetInUse {
+        subnet: String,
+        other_if: String,
+        other: String,
+    },
+}
+
+/// Refuses a tunnel subnet that overlaps an address another interface here
+/// already has (a second agent with the default addresses, a LAN or a VPC
+/// in that range): routes would be ambiguous and the tunnel's flows would
+/// fail to bind or go astray, far from the cause.
+fn check_subnet_free(name: &str, addr: Ipv4Addr, prefix_len: u8) -> Result<(), DeviceError> {
+    let Ok(ifaddrs) = nix::ifaddrs::getifaddrs() else {
+        return Ok(()); // cannot tell: the kernel will say what it refuses
+    };
+    let bits = |len: u8| u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+    for ifa in ifaddrs {
+        if ifa.interface_name == name {
+            continue;
+        }
+        let (Some(other), Some(mask)) = (
+            ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()),
+            ifa.netmask.as_ref().and_then(|m| m.as_sockaddr_in()),
+        ) else {
+            continue;
+        };
+        let other_len = u8::try_from(u32::from(mask.ip()).leading_ones()).unwrap_or(32);
+        // Two prefixes overlap when they agree on the shorter one's bits.
+        let shorter = bits(prefix_len.min(other_len));
+        if u32::from(addr) & shorter == u32::from(other.ip()) & shorter {
+            let net = Ipv4Addr::from(u32::from(addr) & bits(prefix_len));
+            return Err(DeviceError::SubnetInUse {
+                subnet: format!("{net}/{prefix_len}"),
+                other_if: ifa.interface_name,
+                other: format!("{}/{other_len}", other.ip()),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Creates the TUN device `name` with `addr/prefix_len`, sets its MTU and
@@ -36,6 +79,7 @@ pub async fn create(
     prefix_len: u8,
     mtu: u16,
 ) -> Result<AsyncDevice, DeviceError> {
+    check_subnet_free(name, addr, prefix_len)?;
     let dev = DeviceBuilder::new()
         .name(name)
         .mtu(mtu)
@@ -89,4 +133,28 @@ pub async fn create(
     .await;
     conn.abort();
     result.map(|()| dev)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_subnet_overlapping_an_address_here_is_refused() {
+        // Every network namespace has 127.0.0.1/8 on lo.
+        match check_subnet_free("sk-test", Ipv4Addr::new(127, 9, 9, 1), 30) {
+            Err(DeviceError::SubnetInUse {
+                subnet, other_if, ..
+            }) => {
+                assert_eq!(subnet, "127.9.9.0/30");
+                assert_eq!(other_if, "lo");
+            }
+            other => panic!("127.9.9.1/30 overlaps lo's 127.0.0.1/8: {other:?}"),
+        }
+        // A wider tunnel subnet that takes in loopback is refused too.
+        assert!(matches!(
+            check_subnet_free("sk-test", Ipv4Addr::new(127, 0, 0, 9), 8),
+            Err(DeviceError::SubnetInUse { .. })
+        ));
+    }
 }
