@@ -288,6 +288,16 @@ impl Pair {
         }
     }
 
+    /// The edge's WireGuard public key, as the home's tunnel has it.
+    pub fn edge_wireguard_key(&self) -> [u8; 32] {
+        self.status
+            .borrow()
+            .tunnel_handle
+            .as_ref()
+            .and_then(|t| t.stats().peer_key)
+            .expect("the home tunnel knows the edge's key")
+    }
+
     /// Sends a new map and waits for the edge's answer.
     pub fn apply(&self, map: PortMap) -> PortsApplied {
         let g = map.generation();

@@ -171,13 +171,7 @@ fn wireguard_from_a_key_not_announced_is_ignored() {
     skerry_tests::init_tracing();
     let pair = Pair::start(&[&format!("tcp/9000={TCP_TARGET}")]);
     let _svc = skerry_tests::tcp_digest_service(&pair.topo.home, TCP_TARGET.parse().unwrap());
-    let edge_key = pair
-        .status
-        .borrow()
-        .tunnel_handle
-        .as_ref()
-        .and_then(|t| t.stats().peer_key)
-        .expect("the home tunnel knows the edge's key");
+    let edge_key = pair.edge_wireguard_key();
     let v4 = pair.topo.edge_public_v4;
     run_in(&pair.topo.client, move || async move {
         // A stranger who knows the edge's public key (it is not secret) and

@@ -74,13 +74,7 @@ fn concurrent_takeovers_leave_one_session_and_the_taken_over_home_comes_back() {
     skerry_tests::init_tracing();
     let pair = Pair::start(&[&format!("tcp/9000={TCP_TARGET}")]);
     let _svc = skerry_tests::tcp_digest_service(&pair.topo.home, TCP_TARGET.parse().unwrap());
-    let edge_key = pair
-        .status
-        .borrow()
-        .tunnel_handle
-        .as_ref()
-        .and_then(|t| t.stats().peer_key)
-        .expect("the home tunnel knows the edge's key");
+    let edge_key = pair.edge_wireguard_key();
     let sessions_before = pair.status.borrow().sessions;
     let ca = pair.pki.ca_cert().clone();
     let home = pair.pki.home().clone();
