@@ -620,7 +620,8 @@ async fn report_progress(
     say!("public address: {}", shown.join(", "));
     if let (Some(l), Some(first)) = (local, map.specs().first()) {
         say!(
-            "  try it from this host: {} {}:{}",
+            // netcat takes the host and the port as two arguments.
+            "  try it from this host: {} {} {}",
             if first.protocol == skerry::portmap::Protocol::Tcp {
                 "nc -v"
             } else {
