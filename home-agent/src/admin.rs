@@ -86,6 +86,10 @@ pub struct StatusReport {
     pub connected: bool,
     pub public_addrs: Vec<String>,
     pub tunnel_up: bool,
+    /// The tunnel's addresses as the edge announced them, once it has:
+    /// `home ↔ edge/prefix`. Absent in an older agent's report.
+    #[serde(default)]
+    pub tunnel_addrs: Option<String>,
     pub last_handshake_secs: Option<f64>,
     pub tx_bytes: u64,
     pub rx_bytes: u64,
@@ -345,6 +349,10 @@ impl Controller {
                 .map(ToString::to_string)
                 .collect(),
             tunnel_up: stats.as_ref().is_some_and(|t| t.last_handshake.is_some()),
+            tunnel_addrs: (s.sessions > 0).then(|| {
+                let t = s.tunnel;
+                format!("{} ↔ {}/{}", t.home(), t.edge(), t.prefix_len())
+            }),
             last_handshake_secs: stats
                 .as_ref()
                 .and_then(|t| t.last_handshake)

@@ -469,9 +469,16 @@ fn print_response(response: &admin::Response) {
                 }
             );
             say!("  public address: {}", s.public_addrs.join(", "));
+            let addrs = s
+                .tunnel_addrs
+                .as_ref()
+                .map(|a| format!(" ({a})"))
+                .unwrap_or_default();
             match s.last_handshake_secs {
-                Some(age) if s.tunnel_up => say!("  tunnel: up, last handshake {age:.0} s ago"),
-                _ => say!("  tunnel: down"),
+                Some(age) if s.tunnel_up => {
+                    say!("  tunnel{addrs}: up, last handshake {age:.0} s ago");
+                }
+                _ => say!("  tunnel{addrs}: down"),
             }
             say!(
                 "  traffic: {} sent, {} received (tunnel bytes)",

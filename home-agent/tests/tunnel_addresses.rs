@@ -166,6 +166,17 @@ fn a_local_edge_uses_the_tunnel_addresses_given() {
         }
     };
     assert_eq!(got, GREETING);
+    // `status` names them too.
+    let out = scratch
+        .home_agent()
+        .args(["status", "--name", &name])
+        .output()
+        .expect("home-agent status");
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("tunnel (10.99.7.2 ↔ 10.99.7.1/29): up"),
+        "status: {shown}"
+    );
     let status = agent.stop().expect("stopping the agent");
     assert!(
         status.success(),
