@@ -349,10 +349,7 @@ impl Controller {
                 .map(ToString::to_string)
                 .collect(),
             tunnel_up: stats.as_ref().is_some_and(|t| t.last_handshake.is_some()),
-            tunnel_addrs: (s.sessions > 0).then(|| {
-                let t = s.tunnel;
-                format!("{} ↔ {}/{}", t.home(), t.edge(), t.prefix_len())
-            }),
+            tunnel_addrs: (s.sessions > 0).then(|| s.tunnel.to_string()),
             last_handshake_secs: stats
                 .as_ref()
                 .and_then(|t| t.last_handshake)

@@ -323,8 +323,8 @@ async fn ensure_plane(
     let t = welcome.tunnel;
     if let Some(asked) = opts.requested_tunnel.filter(|asked| *asked != t) {
         warn!(
-            edge = %format!("{}, {}/{}", t.edge(), t.home(), t.prefix_len()),
-            asked = %format!("{}, {}/{}", asked.edge(), asked.home(), asked.prefix_len()),
+            edge = %t,
+            asked = %asked,
             "the edge was made with other tunnel addresses than --tunnel-* ask for, and keeps them; \
              to change them, destroy it (home-agent destroy) and connect again"
         );

@@ -5,7 +5,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use boringtun::noise::{Tunn, TunnResult};
@@ -14,7 +13,6 @@ use skerry::bootstrap::{DEFAULT_CONTROL_PORT, DEFAULT_WIREGUARD_PORT};
 use skerry::control::{MessageReader, close_code, write_message};
 use skerry::pki::EDGE_SERVER_NAME;
 use skerry::protocol::HomeSession;
-use skerry::tls::{CONTROL_ALPN, crypto_provider};
 use skerry_tests::agents::{Pair, block_on};
 use skerry_tests::{poll_until, run_in, tcp_digest_client};
 
@@ -81,18 +79,11 @@ fn concurrent_takeovers_leave_one_session_and_the_taken_over_home_comes_back() {
     let v4 = pair.topo.edge_public_v4;
 
     run_in(&pair.topo.client, move || async move {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(ca).expect("root");
-        let mut tls = rustls::ClientConfig::builder_with_provider(crypto_provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .expect("tls13")
-            .with_root_certificates(roots)
-            .with_client_auth_cert(home.cert_chain.clone(), home.key())
-            .expect("home cert");
-        tls.alpn_protocols = vec![CONTROL_ALPN.to_vec()];
+        // The home-agent's own client configuration: these are home-agents.
         let mut ep = quinn::Endpoint::client("0.0.0.0:0".parse().unwrap()).expect("endpoint");
-        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).unwrap();
-        ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+        ep.set_default_client_config(
+            skerry::tls::quic_client_config(&ca, &home).expect("home's control TLS"),
+        );
 
         // Every contender has its own WireGuard key, and all say Hello at once.
         let secrets: Vec<StaticSecret> = (0..CONTENDERS).map(|_| StaticSecret::random()).collect();

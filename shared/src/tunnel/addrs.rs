@@ -55,7 +55,7 @@ impl TunnelAddrs {
         if edge == home {
             return Err(TunnelAddrsError::Same(edge));
         }
-        let mask = u32::MAX << (32 - u32::from(prefix_len));
+        let mask = prefix_mask(prefix_len);
         for addr in [edge, home] {
             if let Some(why) = unusable(addr, mask) {
                 return Err(TunnelAddrsError::Unusable { addr, why });
@@ -88,6 +88,13 @@ impl TunnelAddrs {
     }
 }
 
+/// The netmask of a `len`-bit prefix, as a number (0 for /0).
+pub fn prefix_mask(len: u8) -> u32 {
+    u32::MAX
+        .checked_shl(32 - u32::from(len.min(32)))
+        .unwrap_or(0)
+}
+
 /// Why `addr` cannot be one end of a point-to-point subnet with `mask`:
 /// the kernel would drop it, route it elsewhere or take it for the
 /// subnet's broadcast, and the tunnel would come up carrying nothing.
@@ -107,6 +114,13 @@ fn unusable(addr: Ipv4Addr, mask: u32) -> Option<&'static str> {
         Some("it is the subnet's broadcast address (the host part is all ones)")
     } else {
         None
+    }
+}
+
+/// As the home sees it: `home ↔ edge/prefix`.
+impl std::fmt::Display for TunnelAddrs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ↔ {}/{}", self.home, self.edge, self.prefix_len)
     }
 }
 

@@ -2,6 +2,7 @@
 
 use std::net::Ipv4Addr;
 
+use super::addrs::prefix_mask;
 use futures::TryStreamExt;
 use thiserror::Error;
 use tun_rs::{AsyncDevice, DeviceBuilder};
@@ -45,7 +46,6 @@ fn check_subnet_free(name: &str, addr: Ipv4Addr, prefix_len: u8) -> Result<(), D
     let Ok(ifaddrs) = nix::ifaddrs::getifaddrs() else {
         return Ok(()); // cannot tell: the kernel will say what it refuses
     };
-    let bits = |len: u8| u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
     for ifa in ifaddrs {
         if ifa.interface_name == name {
             continue;
@@ -58,9 +58,9 @@ fn check_subnet_free(name: &str, addr: Ipv4Addr, prefix_len: u8) -> Result<(), D
         };
         let other_len = u8::try_from(u32::from(mask.ip()).leading_ones()).unwrap_or(32);
         // Two prefixes overlap when they agree on the shorter one's bits.
-        let shorter = bits(prefix_len.min(other_len));
+        let shorter = prefix_mask(prefix_len.min(other_len));
         if u32::from(addr) & shorter == u32::from(other.ip()) & shorter {
-            let net = Ipv4Addr::from(u32::from(addr) & bits(prefix_len));
+            let net = Ipv4Addr::from(u32::from(addr) & prefix_mask(prefix_len));
             return Err(DeviceError::SubnetInUse {
                 subnet: format!("{net}/{prefix_len}"),
                 other_if: ifa.interface_name,
