@@ -77,7 +77,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // One thread, as on the home side: the data path is a pipeline (public
+    // socket, in-tunnel socket, TUN, cipher, UDP) whose stages wake each other
+    // for every packet, and on tokio's multi-thread runtime those wake-ups
+    // cross cores. One thread measured faster in every figure of `bench/`
+    // (see RESULTS.md), and the $4 droplet has one core anyway.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;

@@ -292,7 +292,10 @@ fn connect(
     let dir = paths::state_dir(&name)?;
     let state = HomeState::open(&dir)?;
     let socket = paths::runtime_socket(&name)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // One thread for the data path and everything else, as on the edge (see
+    // edge-agent's main): cheaper wake-ups than a multi-thread runtime in every
+    // figure of `bench/`, and one core of it carries several Gbit/s.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
