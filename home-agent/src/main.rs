@@ -643,3 +643,40 @@ async fn report_progress(
     }
     Ok(refused)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// The tunnel flags are `Option`s (so that "not given" can be told from
+    /// "given as the default"), which leaves their help to state the default
+    /// by hand: it must be the one the code uses.
+    #[test]
+    fn tunnel_flag_help_states_the_defaults_the_code_uses() {
+        let d = TunnelAddrs::DEFAULT;
+        let wanted = [
+            format!("[default: {}]", d.edge()),
+            format!("[default: {}]", d.home()),
+            format!("[default: {}]", d.prefix_len()),
+        ];
+        for subcommand in ["connect", "edge-bootstrap"] {
+            let mut cli = Cli::command();
+            let Some(cmd) = cli.find_subcommand_mut(subcommand) else {
+                panic!("no `{subcommand}` subcommand");
+            };
+            let help = cmd.render_long_help().to_string();
+            for want in &wanted {
+                assert!(
+                    help.contains(want),
+                    "`{subcommand} --help` lacks {want}:\n{help}"
+                );
+            }
+        }
+    }
+}
