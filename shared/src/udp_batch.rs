@@ -96,6 +96,12 @@ impl<const N: usize> RecvBatch<N> {
     pub async fn recv(&mut self, socket: &UdpSocket, state: &UdpSocketState) -> io::Result<usize> {
         let RecvBatch { storage, metas, .. } = self;
         loop {
+            // Neither `readable()` nor `try_io` counts against tokio's
+            // budget, and a caller may drop everything it receives (a flood
+            // the allow list refuses, junk at the WireGuard port): without
+            // this, a socket that never drains would hold the agent's one
+            // thread.
+            tokio::task::consume_budget().await;
             socket.readable().await?;
             let mut drained = None;
             let result = socket.try_io(Interest::READABLE, || {
@@ -145,5 +151,48 @@ impl<const N: usize> RecvBatch<N> {
         (0..self.count)
             .filter_map(|i| self.buffer(i))
             .flat_map(|(from, stride, bytes)| bytes.chunks(stride).map(move |d| (from, d)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// The agents run on one thread, and a caller may drop all it receives:
+    /// a socket that never drains must still let the other tasks run.
+    #[test]
+    fn receiving_from_a_socket_that_never_drains_lets_other_tasks_run() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        runtime.block_on(async {
+            let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+            let to = socket.local_addr().expect("address");
+            let state = socket_state(&socket).expect("socket state");
+            // More datagrams than the receives below take, so every one of
+            // them finds its batch full and readiness stays set.
+            let sender = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+            for i in 0..200u8 {
+                sender.send_to(&[i], to).expect("send");
+            }
+            let mut batch = RecvBatch::<1>::new();
+            // The first receive may wait for the driver's first event.
+            batch.recv(&socket, &state).await.expect("receive");
+            let ran = Arc::new(AtomicBool::new(false));
+            tokio::spawn({
+                let ran = ran.clone();
+                async move { ran.store(true, Ordering::SeqCst) }
+            });
+            for _ in 0..150 {
+                assert_eq!(batch.recv(&socket, &state).await.expect("receive"), 1);
+                if ran.load(Ordering::SeqCst) {
+                    return;
+                }
+            }
+            panic!("150 receives in a row never let another task run");
+        });
     }
 }

@@ -146,7 +146,7 @@ const TSO_SEGMENTS_MAX: usize = 64;
 /// State shared by the send and receive pipelines and the timer.
 ///
 /// One lock, taken once per batch and never across an `.await`: the
-/// pipelines run on separate tasks (and cores), and `Tunn` needs `&mut`.
+/// pipelines are separate tasks, and `Tunn` needs `&mut`.
 struct Shared {
     tunn: Option<Box<Tunn>>,
     peer_key: Option<PublicKey>,
