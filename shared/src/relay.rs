@@ -41,10 +41,11 @@ const SPLICE_CHUNK: usize = 64 * 1024;
 /// second descriptor per flow.
 pub async fn relay_tcp(a: &TcpStream, b: &TcpStream) -> io::Result<(u64, u64)> {
     let (a_to_b, b_to_a) = two_pipes();
-    let moved = tokio::try_join!(
+    let moved = both_ways(
         one_way(a, b, a_to_b.as_ref()),
-        one_way(b, a, b_to_a.as_ref())
-    );
+        one_way(b, a, b_to_a.as_ref()),
+    )
+    .await;
     if moved.is_ok() {
         give_back([a_to_b, b_to_a]);
     }
@@ -90,13 +91,14 @@ pub async fn relay_framed(
     let (out_pipe, in_pipe) = two_pipes();
     let inbound_ended = AtomicBool::new(false);
     let finish = (side == FlowSide::Home).then_some(&inbound_ended);
-    let moved = tokio::try_join!(frame_out(plain, tunnel, out_pipe.as_ref(), finish), async {
+    let moved = both_ways(frame_out(plain, tunnel, out_pipe.as_ref(), finish), async {
         let r = unframe_in(tunnel, plain, in_pipe.as_ref(), pending).await;
         if r.is_ok() {
             inbound_ended.store(true, Ordering::Release);
         }
         r
-    });
+    })
+    .await;
     if moved.is_ok() {
         give_back([out_pipe, in_pipe]);
     }
@@ -109,6 +111,79 @@ pub async fn relay_framed(
         received,
         after_end,
     })
+}
+
+/// Runs a relay's two directions; the first error is the result.
+///
+/// A direction that cannot read its source ends the relay at once: the
+/// other one might wait for that source forever. One that cannot write
+/// leaves the other running: that one reads from the same peer, which may
+/// have answered before it went (a server that refuses an upload replies,
+/// then closes with the upload unread, which resets), and the answer is
+/// queued ahead of the reset. So the answer is delivered, as it would be
+/// with nothing between the two, and the reset then ends that direction
+/// too, without waiting for anything new.
+async fn both_ways<A, B>(
+    a: impl Future<Output = io::Result<A>>,
+    b: impl Future<Output = io::Result<B>>,
+) -> io::Result<(A, B)> {
+    let (mut a, mut b) = (std::pin::pin!(a), std::pin::pin!(b));
+    let (mut done_a, mut done_b) = (None, None);
+    let mut failed = None;
+    while done_a.is_none() || done_b.is_none() {
+        let (a_ended, b_ended) = (done_a.is_some(), done_b.is_some());
+        tokio::select! {
+            r = &mut a, if !a_ended => done_a = Some(direction_result(r, &mut failed)?),
+            r = &mut b, if !b_ended => done_b = Some(direction_result(r, &mut failed)?),
+        }
+    }
+    match (failed, done_a.flatten(), done_b.flatten()) {
+        (None, Some(a), Some(b)) => Ok((a, b)),
+        (Some(e), ..) => Err(e),
+        (None, ..) => Err(io::Error::other(
+            "a relay direction failed without an error",
+        )),
+    }
+}
+
+/// One direction's end for [`both_ways`]: its value, or `None` after a
+/// write error (kept as the relay's error; the other direction goes on);
+/// any other error ends the relay.
+fn direction_result<T>(
+    result: io::Result<T>,
+    failed: &mut Option<io::Error>,
+) -> io::Result<Option<T>> {
+    match result {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if failed.is_some() => Err(failed.take().unwrap_or(e)),
+        Err(e) if is_write_failure(&e) => {
+            *failed = Some(e);
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// A write that failed: the peer written to is gone (reset, timed out).
+/// Marked so that [`both_ways`] can tell it from a failed read.
+#[derive(Debug)]
+struct WriteFailed(io::Error);
+
+impl std::fmt::Display for WriteFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for WriteFailed {}
+
+/// Marks a write's error (same kind, same message).
+fn write_failed(e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), WriteFailed(e))
+}
+
+fn is_write_failure(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<WriteFailed>())
 }
 
 /// A pipe per direction, or none at all (out of descriptors): then both
@@ -186,7 +261,7 @@ fn shutdown_write(to: &TcpStream) -> io::Result<()> {
     match socket2::SockRef::from(to).shutdown(Shutdown::Write) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
-        Err(e) => Err(e),
+        Err(e) => Err(write_failed(e)),
     }
 }
 
@@ -389,7 +464,7 @@ fn deliver(
         match to.try_write(&payload[sent..]) {
             Ok(m) => sent += m,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(e) => return Err(e),
+            Err(e) => return Err(write_failed(e)),
         }
     }
     unsent.extend_from_slice(&payload[sent..]);
@@ -413,9 +488,10 @@ async fn send_all(to: &TcpStream, bytes: &[u8], flags: MsgFlags) -> io::Result<(
     while sent < bytes.len() {
         let m = to
             .async_io(Interest::WRITABLE, || send_flags(to, &bytes[sent..], flags))
-            .await?;
+            .await
+            .map_err(write_failed)?;
         if m == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
+            return Err(write_failed(io::ErrorKind::WriteZero.into()));
         }
         sent += m;
     }
@@ -450,7 +526,7 @@ async fn copy_once(from: &TcpStream, to: &TcpStream, framed: bool) -> io::Result
             match to.try_write(&out[sent..]) {
                 Ok(m) => sent += m,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
+                Err(e) => return Err(write_failed(e)),
             }
         }
         break (n, out[sent..].to_vec());
@@ -527,9 +603,10 @@ async fn splice_out(pipe: &Pipe, to: &TcpStream, n: usize) -> io::Result<()> {
             .async_io(Interest::WRITABLE, || {
                 splice_nonblocking(&pipe.read, to, left)
             })
-            .await?;
+            .await
+            .map_err(write_failed)?;
         if m == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
+            return Err(write_failed(io::ErrorKind::WriteZero.into()));
         }
         left -= m;
     }
@@ -1011,5 +1088,66 @@ mod tests {
             result.is_err(),
             "a reset is an error, not a clean close: {result:?}"
         );
+    }
+
+    /// A server that refuses an upload: it answers, then resets (closes with
+    /// the upload unread). The relay meets the reset first when it passes the
+    /// upload on, before it has read the answer; the answer must still reach
+    /// the client, as it would with nothing between them.
+    async fn answer_then_reset() -> (TcpStream, TcpStream, TcpStream) {
+        let (mut client, near) = pair().await;
+        let (far, mut server) = pair().await;
+        client.write_all(b"an upload").await.unwrap();
+        server.write_all(b"refused").await.unwrap();
+        server.set_zero_linger().unwrap();
+        drop(server);
+        (client, near, far)
+    }
+
+    async fn read_all_until_reset(client: &mut TcpStream) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        loop {
+            match client.read(&mut buf).await {
+                Ok(0) | Err(_) => return got,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_sent_before_a_reset_is_delivered() {
+        let (mut client, near, far) = answer_then_reset().await;
+        let result = relay_tcp(&near, &far).await;
+        assert!(result.is_err(), "the reset is an error: {result:?}");
+        drop(near);
+        assert_eq!(read_all_until_reset(&mut client).await, b"refused");
+    }
+
+    #[tokio::test]
+    async fn an_answer_sent_before_a_reset_is_delivered_across_a_framed_flow() {
+        let (mut client, edge_plain, home_plain) = answer_then_reset().await;
+        let (t_edge, t_home) = pair().await;
+        let home = async {
+            let result = relay_framed(&home_plain, &t_home, Vec::new(), FlowSide::Home).await;
+            // As home does after an error: the flow is not reused.
+            drop(t_home);
+            result
+        };
+        let edge = async {
+            let result = relay_framed(&edge_plain, &t_edge, Vec::new(), FlowSide::Edge).await;
+            drop(edge_plain);
+            result
+        };
+        // The client reads until the end, then closes, which ends the edge's
+        // relay if home's end-of-stream frame came first.
+        let client_side = async {
+            let got = read_all_until_reset(&mut client).await;
+            drop(client);
+            got
+        };
+        let (_, home, got) = tokio::join!(edge, home, client_side);
+        assert!(home.is_err(), "the reset is an error at home: {home:?}");
+        assert_eq!(got, b"refused");
     }
 }
