@@ -78,14 +78,24 @@ class Services:
 
 
 def iperf_json(h: Harness, argv: list[str], secs: float) -> dict:
-    r = in_client(h, ["iperf3"] + argv + ["-J", "--connect-timeout", "5000"], timeout=secs + 40)
-    try:
-        j = json.loads(r.stdout)
-    except json.JSONDecodeError:
-        raise RuntimeError(f"iperf3 {' '.join(argv)}: {r.stderr.strip() or r.stdout[-300:]}")
-    if "error" in j:
-        raise RuntimeError(f"iperf3 {' '.join(argv)}: {j['error']}")
-    return j
+    # The iperf3 server takes a moment after a test to take the next one (it
+    # learns that the last one ended from its client's control connection):
+    # a test started at once can find it busy, through any setup. It says to
+    # try again later, and that is what happens, a few times.
+    for attempt in range(4):
+        r = in_client(h, ["iperf3"] + argv + ["-J", "--connect-timeout", "5000"], timeout=secs + 40)
+        try:
+            j = json.loads(r.stdout)
+        except json.JSONDecodeError:
+            raise RuntimeError(f"iperf3 {' '.join(argv)}: {r.stderr.strip() or r.stdout[-300:]}")
+        if "server is busy" in j.get("error", "") and attempt < 3:
+            log(f"    iperf3 server busy; trying again ({j['error']})")
+            time.sleep(0.5)
+            continue
+        if "error" in j:
+            raise RuntimeError(f"iperf3 {' '.join(argv)}: {j['error']}")
+        return j
+    raise AssertionError("unreachable")
 
 
 def tcp_test(h: Harness, host: str, cfg: Config, streams: int, reverse: bool) -> dict:
