@@ -19,6 +19,7 @@ use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use nix::fcntl::{OFlag, SpliceFFlags, splice};
 use nix::sys::socket::{self, MsgFlags};
@@ -122,7 +123,7 @@ pub async fn relay_framed(
 /// then closes with the upload unread, which resets), and the answer is
 /// queued ahead of the reset. So the answer is delivered, as it would be
 /// with nothing between the two, and the reset then ends that direction
-/// too, without waiting for anything new.
+/// too, without waiting for anything new; within [`AFTER_WRITE_FAILURE`].
 async fn both_ways<A, B>(
     a: impl Future<Output = io::Result<A>>,
     b: impl Future<Output = io::Result<B>>,
@@ -132,9 +133,11 @@ async fn both_ways<A, B>(
     let mut failed = None;
     while done_a.is_none() || done_b.is_none() {
         let (a_ended, b_ended) = (done_a.is_some(), done_b.is_some());
+        let waiting_since_failure = failed.is_some();
         tokio::select! {
             r = &mut a, if !a_ended => done_a = Some(direction_result(r, &mut failed)?),
             r = &mut b, if !b_ended => done_b = Some(direction_result(r, &mut failed)?),
+            () = tokio::time::sleep(AFTER_WRITE_FAILURE), if waiting_since_failure => break,
         }
     }
     match (failed, done_a.flatten(), done_b.flatten()) {
@@ -145,6 +148,11 @@ async fn both_ways<A, B>(
         )),
     }
 }
+
+/// How long the direction that outlives a failed write may take to deliver
+/// the peer's last bytes. A client that does not read them (it is stuck
+/// writing an upload no one reads any more) must not hold the relay.
+const AFTER_WRITE_FAILURE: Duration = Duration::from_secs(5);
 
 /// One direction's end for [`both_ways`]: its value, or `None` after a
 /// write error (kept as the relay's error; the other direction goes on);
@@ -1118,7 +1126,9 @@ mod tests {
     #[tokio::test]
     async fn an_answer_sent_before_a_reset_is_delivered() {
         let (mut client, near, far) = answer_then_reset().await;
-        let result = relay_tcp(&near, &far).await;
+        let result = tokio::time::timeout(Duration::from_secs(10), relay_tcp(&near, &far))
+            .await
+            .expect("the relay ends");
         assert!(result.is_err(), "the reset is an error: {result:?}");
         drop(near);
         assert_eq!(read_all_until_reset(&mut client).await, b"refused");
@@ -1146,8 +1156,50 @@ mod tests {
             drop(client);
             got
         };
-        let (_, home, got) = tokio::join!(edge, home, client_side);
+        let (_, home, got) = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::join!(edge, home, client_side)
+        })
+        .await
+        .expect("both relays end");
         assert!(home.is_err(), "the reset is an error at home: {home:?}");
         assert_eq!(got, b"refused");
+    }
+
+    /// The same, with a client that reads nothing (stuck writing its
+    /// upload) and more answer than the sockets between hold: the relay gives
+    /// up on delivering it rather than wait for the client forever.
+    #[tokio::test]
+    async fn an_answer_no_one_reads_does_not_hold_the_relay() {
+        let (mut client, near) = pair().await;
+        let (far, server) = pair().await;
+        socket2::SockRef::from(&client)
+            .set_recv_buffer_size(4096)
+            .unwrap();
+        socket2::SockRef::from(&near)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        client.write_all(b"an upload").await.unwrap();
+        // As much answer as the server's socket takes, then the reset.
+        let answer = vec![7u8; 64 * 1024];
+        let mut queued = 0;
+        loop {
+            match server.try_write(&answer) {
+                Ok(n) => queued += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("writing the answer: {e}"),
+            }
+        }
+        // More than the client's receive buffer and the relay's send buffer
+        // (about 4 KiB each, as the kernel rounds them) hold.
+        assert!(queued > 32 * 1024, "only {queued} bytes of answer queued");
+        server.set_zero_linger().unwrap();
+        drop(server);
+        let result = tokio::time::timeout(AFTER_WRITE_FAILURE * 2, relay_tcp(&near, &far))
+            .await
+            .expect("the relay gives up within its grace");
+        assert!(
+            result.is_err(),
+            "an answer not delivered is an error: {result:?}"
+        );
     }
 }
