@@ -77,25 +77,31 @@ class Services:
                 self.h.stop(p, grace=1)
 
 
+# The iperf3 server takes a moment after a test to take the next one (it
+# learns that the last one ended from its client's control connection): a
+# test started at once can find it busy, with any setup, direct included. It
+# says to try again later, and that is what happens, this many times.
+IPERF_BUSY_RETRIES = 3
+
+
 def iperf_json(h: Harness, argv: list[str], secs: float) -> dict:
-    # The iperf3 server takes a moment after a test to take the next one (it
-    # learns that the last one ended from its client's control connection):
-    # a test started at once can find it busy, through any setup. It says to
-    # try again later, and that is what happens, a few times.
-    for attempt in range(4):
+    def once() -> dict:
         r = in_client(h, ["iperf3"] + argv + ["-J", "--connect-timeout", "5000"], timeout=secs + 40)
         try:
-            j = json.loads(r.stdout)
+            return json.loads(r.stdout)
         except json.JSONDecodeError:
             raise RuntimeError(f"iperf3 {' '.join(argv)}: {r.stderr.strip() or r.stdout[-300:]}")
-        if "server is busy" in j.get("error", "") and attempt < 3:
-            log(f"    iperf3 server busy; trying again ({j['error']})")
-            time.sleep(0.5)
-            continue
-        if "error" in j:
-            raise RuntimeError(f"iperf3 {' '.join(argv)}: {j['error']}")
-        return j
-    raise AssertionError("unreachable")
+
+    j = once()
+    for _ in range(IPERF_BUSY_RETRIES):
+        if "server is busy" not in j.get("error", ""):
+            break
+        log(f"    iperf3 server busy; trying again ({j['error']})")
+        time.sleep(0.5)
+        j = once()
+    if "error" in j:
+        raise RuntimeError(f"iperf3 {' '.join(argv)}: {j['error']}")
+    return j
 
 
 def tcp_test(h: Harness, host: str, cfg: Config, streams: int, reverse: bool) -> dict:

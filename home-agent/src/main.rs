@@ -293,8 +293,8 @@ fn connect(
     let state = HomeState::open(&dir)?;
     let socket = paths::runtime_socket(&name)?;
     // One thread for the data path and everything else, as on the edge (see
-    // edge-agent's main): cheaper wake-ups than a multi-thread runtime in every
-    // figure of `bench/`, and one core of it carries several Gbit/s.
+    // edge-agent's main for the measurements): the pipeline's stages wake each
+    // other without crossing cores, and one core carries several Gbit/s.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -656,25 +656,28 @@ mod tests {
 
     /// The tunnel flags are `Option`s (so that "not given" can be told from
     /// "given as the default"), which leaves their help to state the default
-    /// by hand: it must be the one the code uses.
+    /// by hand: each must be the one the code uses.
     #[test]
     fn tunnel_flag_help_states_the_defaults_the_code_uses() {
         let d = TunnelAddrs::DEFAULT;
-        let wanted = [
-            format!("[default: {}]", d.edge()),
-            format!("[default: {}]", d.home()),
-            format!("[default: {}]", d.prefix_len()),
+        let defaults = [
+            ("tunnel_edge", d.edge().to_string()),
+            ("tunnel_home", d.home().to_string()),
+            ("tunnel_prefix", d.prefix_len().to_string()),
         ];
+        let cli = Cli::command();
         for subcommand in ["connect", "edge-bootstrap"] {
-            let mut cli = Cli::command();
-            let Some(cmd) = cli.find_subcommand_mut(subcommand) else {
+            let Some(cmd) = cli.find_subcommand(subcommand) else {
                 panic!("no `{subcommand}` subcommand");
             };
-            let help = cmd.render_long_help().to_string();
-            for want in &wanted {
+            for (id, default) in &defaults {
+                let Some(arg) = cmd.get_arguments().find(|a| a.get_id() == id) else {
+                    panic!("`{subcommand}` has no {id} argument");
+                };
+                let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
                 assert!(
-                    help.contains(want),
-                    "`{subcommand} --help` lacks {want}:\n{help}"
+                    help.contains(&format!("[default: {default}]")),
+                    "`{subcommand}` {id}: the help says {help:?}, the default is {default}"
                 );
             }
         }

@@ -168,8 +168,12 @@ mod tests {
             .enable_all()
             .build()
             .expect("a runtime");
-        runtime.block_on(async {
+        let test = async {
             let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+            // Room for every datagram below (the default may be small).
+            socket2::SockRef::from(&socket)
+                .set_recv_buffer_size(1 << 20)
+                .expect("receive buffer");
             let to = socket.local_addr().expect("address");
             let state = socket_state(&socket).expect("socket state");
             // More datagrams than the receives below take, so every one of
@@ -193,6 +197,12 @@ mod tests {
                 }
             }
             panic!("150 receives in a row never let another task run");
+        };
+        // A receive that waits means the datagrams did not all arrive.
+        runtime.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(10), test)
+                .await
+                .expect("the datagrams sent were all received");
         });
     }
 }
