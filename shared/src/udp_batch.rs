@@ -162,12 +162,8 @@ mod tests {
 
     /// The agents run on one thread, and a caller may drop all it receives:
     /// a socket that never drains must still let the other tasks run.
-    #[test]
-    fn receiving_from_a_socket_that_never_drains_lets_other_tasks_run() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime");
+    #[tokio::test] // one thread, as the agents run
+    async fn receiving_from_a_socket_that_never_drains_lets_other_tasks_run() {
         let test = async {
             let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
             // Room for every datagram below (the default may be small).
@@ -199,10 +195,8 @@ mod tests {
             panic!("150 receives in a row never let another task run");
         };
         // A receive that waits means the datagrams did not all arrive.
-        runtime.block_on(async {
-            tokio::time::timeout(std::time::Duration::from_secs(10), test)
-                .await
-                .expect("the datagrams sent were all received");
-        });
+        tokio::time::timeout(std::time::Duration::from_secs(10), test)
+            .await
+            .expect("the datagrams sent were all received");
     }
 }
