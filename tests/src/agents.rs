@@ -334,7 +334,17 @@ impl HomeRun {
         let map = self.map.clone();
         let status = self.status.clone();
         spawn_in(&topo.home, move || async move {
-            if let Err(e) = home_agent::run(opts, &pki, &key, map, status, stop).await {
+            let run = || {
+                home_agent::run(
+                    opts.clone(),
+                    &pki,
+                    &key,
+                    map.clone(),
+                    status.clone(),
+                    stop.clone(),
+                )
+            };
+            if let Err(e) = retry_while_held("home-agent", run).await {
                 panic!("home-agent failed: {e:#}");
             }
         })
@@ -349,7 +359,8 @@ fn start_edge(
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
     opts.ready = Some(ready_tx);
     let edge = spawn_in(&topo.edge, move || async move {
-        if let Err(e) = edge_agent::run(opts, stop).await {
+        let run = || edge_agent::run(opts.clone(), stop.clone());
+        if let Err(e) = retry_while_held("edge-agent", run).await {
             panic!("edge-agent failed: {e:#}");
         }
     });
@@ -357,6 +368,43 @@ fn start_edge(
         .recv_timeout(SETTLE)
         .expect("the edge did not become ready");
     edge
+}
+
+/// Runs an agent again while it fails because a port or a TUN name it takes
+/// is still held, for up to [`HELD_FOR_AT_MOST`].
+///
+/// An agent restarted in a test starts in the same process the moment the
+/// old one has stopped, and the process keeps forking (`ip`, `ss`, `nft` for
+/// tests running beside it). A child holds a copy of every descriptor until
+/// it execs, so a socket or TUN device the old agent has just closed can
+/// stay open for a moment longer. A real restart is a new process after the
+/// old one has exited, and meets none of this.
+async fn retry_while_held<F, Fut>(agent: &str, mut run: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let deadline = tokio::time::Instant::now() + HELD_FOR_AT_MOST;
+    loop {
+        match run().await {
+            Err(e) if still_held(&e) && tokio::time::Instant::now() < deadline => {
+                tracing::warn!(agent, error = %format!("{e:#}"), "what it needs is still held; starting again");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            done => return done,
+        }
+    }
+}
+
+/// How long a forked child may hold what an agent needs before it execs.
+const HELD_FOR_AT_MOST: Duration = Duration::from_secs(2);
+
+/// A port in use, or a TUN device still attached to another descriptor.
+fn still_held(e: &anyhow::Error) -> bool {
+    use std::io::ErrorKind::{AddrInUse, ResourceBusy};
+    e.chain()
+        .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
+        .any(|io| matches!(io.kind(), AddrInUse | ResourceBusy))
 }
 
 /// Runs a future on a fresh current-thread runtime in the calling thread's
@@ -367,4 +415,61 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .build()
         .expect("test runtime")
         .block_on(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use anyhow::Context;
+
+    use super::*;
+
+    /// Binding a port held by another socket fails as the agents' binds do;
+    /// the retry starts again once it is released and not otherwise.
+    #[tokio::test]
+    async fn an_agent_starts_again_once_what_it_needs_is_released() {
+        let held = std::net::UdpSocket::bind("127.0.0.1:0").expect("a loopback port");
+        let addr = held.local_addr().expect("its address");
+        let mut held = Some(held);
+        let mut attempts = 0;
+        let run = || {
+            attempts += 1;
+            if attempts == 3 {
+                held = None; // what the child's exec does
+            }
+            async move {
+                std::net::UdpSocket::bind(addr).context("binding the test port")?;
+                Ok(())
+            }
+        };
+        retry_while_held("test", run)
+            .await
+            .expect("started once released");
+        assert_eq!(attempts, 3, "two tries while held, one after");
+    }
+
+    #[tokio::test]
+    async fn other_failures_are_not_tried_again() {
+        let mut attempts = 0;
+        let run = || {
+            attempts += 1;
+            async { Err(anyhow::anyhow!("bad bootstrap")) }
+        };
+        let e = retry_while_held("test", run).await.expect_err("fails");
+        assert_eq!(format!("{e}"), "bad bootstrap");
+        assert_eq!(attempts, 1);
+    }
+
+    #[tokio::test]
+    async fn a_port_held_for_good_fails_after_the_limit() {
+        let held = std::net::UdpSocket::bind("127.0.0.1:0").expect("a loopback port");
+        let addr = held.local_addr().expect("its address");
+        let started = tokio::time::Instant::now();
+        let run = || async move {
+            std::net::UdpSocket::bind(addr).context("binding the test port")?;
+            Ok(())
+        };
+        let e = retry_while_held("test", run).await.expect_err("still held");
+        assert!(still_held(&e), "the bind's error is kept: {e:#}");
+        assert!(started.elapsed() >= HELD_FOR_AT_MOST);
+    }
 }
