@@ -1,16 +1,19 @@
 //! The edge's control server: QUIC with mutual TLS, one session per
 //! home-agent connection, the newest session wins.
 
+use std::fmt::Display;
 use std::net::{Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
+use std::time::{Duration, Instant};
 
 use skerry::control::{ControlError, MessageReader, close_code, write_message};
+use skerry::log_budget::LogBudget;
 use skerry::protocol::{EdgeAction, EdgeInfo, EdgeSession, ProtocolError};
 use skerry::tunnel::TunnelHandle;
 use skerry::tunnel::driver::short_key;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::flow_pool::FlowPool;
 use crate::ports::PortTable;
@@ -18,6 +21,9 @@ use crate::ports::PortTable;
 /// The close reason sent with [`close_code::SUPERSEDED`], for people: the
 /// home-agent acts on the code.
 const SUPERSEDED_REASON: &[u8] = b"another home-agent session took over this edge";
+
+/// Refused handshakes logged in full per minute; the rest are counted.
+const REFUSALS_LOGGED_PER_MINUTE: u32 = 5;
 
 /// What the control server shares with each session.
 #[derive(Debug)]
@@ -31,6 +37,9 @@ pub struct ControlState {
     /// through a whole take-over and a port map's apply; taken before
     /// `ports`, never after it.
     current: Mutex<Option<quinn::Connection>>,
+    /// Anyone can be refused at the public control port: a cap on the
+    /// warnings that costs them nothing to cause.
+    refusals: std::sync::Mutex<LogBudget>,
 }
 
 impl ControlState {
@@ -46,6 +55,10 @@ impl ControlState {
             ports,
             pool,
             current: Mutex::new(None),
+            refusals: std::sync::Mutex::new(LogBudget::new(
+                Duration::from_secs(60),
+                REFUSALS_LOGGED_PER_MINUTE,
+            )),
         }
     }
 }
@@ -116,7 +129,7 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<ControlState>) {
         Err(e) => {
             // No client certificate, one from another CA, wrong ALPN, or a
             // handshake that never completed.
-            warn!(reason = %e, "control connection refused");
+            log_refused(&state.refusals, Instant::now(), &e);
             return;
         }
     };
@@ -202,6 +215,23 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<ControlState>) {
     }
 }
 
+/// A refused handshake, logged within the budget; all of them at debug.
+fn log_refused(refusals: &std::sync::Mutex<LogBudget>, now: Instant, reason: &dyn Display) {
+    let admitted = refusals
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .admit(now);
+    match admitted {
+        Some(0) => warn!(%reason, "control connection refused"),
+        Some(held_back) => warn!(
+            %reason,
+            "control connection refused ({held_back} more refused since the last one logged; \
+             all of them at RUST_LOG=debug)"
+        ),
+        None => debug!(%reason, "control connection refused"),
+    }
+}
+
 /// Whether `conn` is the current session.
 fn is_this(current: &Option<quinn::Connection>, conn: &quinn::Connection) -> bool {
     current
@@ -224,4 +254,74 @@ async fn refuse(send: &mut quinn::SendStream, conn: &quinn::Connection, e: &Prot
         quinn::VarInt::from_u32(close_code::PROTOCOL),
         &reason[..reason.len().min(128)],
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// What the edge's log says, as text (its real formatter, no colour).
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_flood_of_refused_handshakes_logs_a_few_warnings_and_counts_the_rest() {
+        let log = Captured::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .with_writer(move || writer.clone())
+            .finish();
+        let refusals = std::sync::Mutex::new(LogBudget::new(Duration::from_secs(60), 5));
+        let t0 = Instant::now();
+        tracing::subscriber::with_default(subscriber, || {
+            for i in 0..1000 {
+                log_refused(
+                    &refusals,
+                    t0 + Duration::from_millis(i),
+                    &"no client certificate",
+                );
+            }
+            log_refused(
+                &refusals,
+                t0 + Duration::from_secs(61),
+                &"no client certificate",
+            );
+        });
+        let text = String::from_utf8(log.0.lock().unwrap_or_else(PoisonError::into_inner).clone())
+            .expect("utf-8 log");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines.len(),
+            6,
+            "five in full, then one a minute later:\n{text}"
+        );
+        assert!(
+            lines
+                .iter()
+                .all(|l| l.contains("WARN") && l.contains("no client certificate"))
+        );
+        assert!(
+            lines[5].contains("995 more refused since the last one logged"),
+            "{}",
+            lines[5]
+        );
+    }
 }

@@ -27,6 +27,7 @@ pub mod bootstrap;
 pub mod control;
 pub mod flow;
 pub mod frame;
+pub mod log_budget;
 pub mod logging;
 pub mod netns;
 pub mod paths;
