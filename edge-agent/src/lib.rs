@@ -101,6 +101,11 @@ pub async fn run(opts: EdgeOptions, shutdown: CancellationToken) -> anyhow::Resu
     .context("building the control channel's TLS configuration")?;
 
     check_time_wait_reuse();
+    // The edge's tasks stop when `run` returns, however it returns: a start
+    // that fails half-way (the control port taken) must not leave the TUN
+    // device and the WireGuard port held by tasks no one will stop.
+    let tasks = shutdown.child_token();
+    let _stop_tasks = tasks.clone().drop_guard();
     let key = WireguardKey::generate();
     let tun = device::create(
         &opts.tun_name,
@@ -122,7 +127,7 @@ pub async fn run(opts: EdgeOptions, shutdown: CancellationToken) -> anyhow::Resu
             keepalive: None,
         },
         None,
-        shutdown.child_token(),
+        tasks.child_token(),
     )
     .context("setting up the tunnel's UDP socket")?;
 
@@ -144,9 +149,9 @@ pub async fn run(opts: EdgeOptions, shutdown: CancellationToken) -> anyhow::Resu
         wireguard_port: boot.wireguard_port,
     };
     let pool = ctx.pool.clone();
-    tokio::spawn(pool.clone().run(shutdown.child_token()));
+    tokio::spawn(pool.clone().run(tasks.child_token()));
     let ports = Arc::new(Mutex::new(ports::PortTable::new(reserved, ctx.clone())));
-    tokio::spawn(relay::udp_reply_loop(ctx, shutdown.child_token()));
+    tokio::spawn(relay::udp_reply_loop(ctx, tasks.child_token()));
 
     let public_addrs = addresses::public_addrs(&opts.tun_name)
         .await

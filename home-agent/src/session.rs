@@ -329,6 +329,11 @@ async fn ensure_plane(
              to change them, destroy it (home-agent destroy) and connect again"
         );
     }
+    // Until the data plane is whole, a failure stops what was started of
+    // it: a tunnel task left running would hold the TUN device that the
+    // next attempt creates again.
+    let tasks = shutdown.child_token();
+    let stop_tasks = tasks.clone().drop_guard();
     let tun = device::create(&opts.tun_name, t.home(), t.prefix_len(), DEFAULT_MTU).await?;
     let udp = bind_tunnel_socket(opts.edge).context("binding the tunnel's UDP socket")?;
     let tunnel = driver::spawn(
@@ -341,7 +346,7 @@ async fn ensure_plane(
             keepalive: Some(HOME_KEEPALIVE_SECS),
         },
         Some(welcome.wireguard_key),
-        shutdown.child_token(),
+        tasks.child_token(),
     )
     .context("setting up the tunnel's UDP socket")?;
     let fwd = Arc::new(Forwarding::new(map, t.edge(), opts.udp_idle));
@@ -358,12 +363,13 @@ async fn ensure_plane(
         .context("setting TCP_NODELAY on the flow listener")?;
     let udp_flows = bind_flow_socket(SocketAddr::from((t.home(), UDP_FLOW_PORT)))
         .with_context(|| format!("binding the UDP flow socket {}:{UDP_FLOW_PORT}", t.home()))?;
-    tokio::spawn(forward::tcp_flows(tcp, fwd.clone(), shutdown.child_token()));
+    tokio::spawn(forward::tcp_flows(tcp, fwd.clone(), tasks.child_token()));
     tokio::spawn(forward::udp_flows(
         Arc::new(udp_flows),
         fwd.clone(),
-        shutdown.child_token(),
+        tasks.child_token(),
     ));
+    stop_tasks.disarm();
     *plane = Some(DataPlane {
         tunnel,
         tunnel_addrs: t,

@@ -370,11 +370,12 @@ fn start_edge(
     edge
 }
 
-/// Runs an agent again while it fails because a port or a TUN name it takes
-/// is still held, for up to [`HELD_FOR_AT_MOST`].
+/// Runs an agent, and runs it again while it fails because a port or a TUN
+/// name it takes is still held, for up to [`HELD_FOR_AT_MOST`].
 ///
 /// An agent restarted in a test starts in the same process the moment the
-/// old one has stopped, and the process keeps forking (`ip`, `ss`, `nft` for
+/// old one has stopped (a first start only meets what a test holds on
+/// purpose), and the process keeps forking (`ip`, `ss`, `nft` for
 /// tests running beside it). A child holds a copy of every descriptor until
 /// it execs, so a socket or TUN device the old agent has just closed can
 /// stay open for a moment longer. A real restart is a new process after the
@@ -445,6 +446,44 @@ mod tests {
             .await
             .expect("started once released");
         assert_eq!(attempts, 3, "two tries while held, one after");
+    }
+
+    /// The case CI met: an edge started while its control port is held. Its
+    /// first try gets as far as the TUN device and the WireGuard port, which
+    /// must be let go for the next try to get them.
+    #[test]
+    fn an_edge_starts_once_its_control_port_is_released() {
+        crate::require_root();
+        crate::init_tracing();
+        let topo = Topology::new();
+        let state_dir = std::env::temp_dir().join(unique("skerry-held"));
+        let pki = HomePki::load_or_create(&state_dir).expect("creating the test PKI");
+        let opts = edge_agent::EdgeOptions::new(Bootstrap::from_pki(
+            &pki,
+            DEFAULT_CONTROL_PORT,
+            DEFAULT_WIREGUARD_PORT,
+            TunnelAddrs::DEFAULT,
+        ));
+        let held = crate::udp_socket_in(
+            &topo.edge,
+            std::net::SocketAddr::from(([0, 0, 0, 0], DEFAULT_CONTROL_PORT)),
+        );
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(held);
+            std::time::Instant::now()
+        });
+        let stop = CancellationToken::new();
+        let edge = start_edge(&topo, opts, stop.clone());
+        let ready = std::time::Instant::now();
+        let released = releaser.join().expect("the releasing thread");
+        assert!(
+            ready > released,
+            "the edge was ready before its port was free"
+        );
+        stop.cancel();
+        edge.stop();
+        let _ = std::fs::remove_dir_all(&state_dir);
     }
 
     #[tokio::test]
