@@ -216,7 +216,11 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<ControlState>) {
 }
 
 /// A refused handshake, logged within the budget; all of them at debug.
+///
+/// The reason can quote the peer (the text of its CONNECTION_CLOSE), so it
+/// is escaped: a stranger does not get to write lines of the edge's log.
 fn log_refused(refusals: &std::sync::Mutex<LogBudget>, now: Instant, reason: &dyn Display) {
+    let reason = reason.to_string().escape_debug().to_string();
     let admitted = refusals
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
@@ -225,8 +229,9 @@ fn log_refused(refusals: &std::sync::Mutex<LogBudget>, now: Instant, reason: &dy
         Some(0) => warn!(%reason, "control connection refused"),
         Some(held_back) => warn!(
             %reason,
-            "control connection refused ({held_back} more refused since the last one logged; \
-             all of them at RUST_LOG=debug)"
+            held_back,
+            "control connection refused; more were since the last one logged \
+             (RUST_LOG=debug logs each)"
         ),
         None => debug!(%reason, "control connection refused"),
     }
@@ -302,7 +307,7 @@ mod tests {
             log_refused(
                 &refusals,
                 t0 + Duration::from_secs(61),
-                &"no client certificate",
+                &"forged\nWARN line",
             );
         });
         let text = String::from_utf8(log.0.lock().unwrap_or_else(PoisonError::into_inner).clone())
@@ -314,14 +319,12 @@ mod tests {
             "five in full, then one a minute later:\n{text}"
         );
         assert!(
-            lines
+            lines[..5]
                 .iter()
                 .all(|l| l.contains("WARN") && l.contains("no client certificate"))
         );
-        assert!(
-            lines[5].contains("995 more refused since the last one logged"),
-            "{}",
-            lines[5]
-        );
+        assert!(lines[5].contains("held_back=995"), "{}", lines[5]);
+        // The peer's text stays on its line.
+        assert!(lines[5].contains(r"forged\nWARN line"), "{}", lines[5]);
     }
 }

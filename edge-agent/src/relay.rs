@@ -18,6 +18,7 @@ use skerry::flow::{
     DatagramHeader, END_OF_STREAM, FlowHeader, MAX_DATAGRAM_HEADER_LEN, MAX_EARLY_DATA,
     frame_header,
 };
+use skerry::log_budget::LogBudget;
 use skerry::portmap::Protocol;
 use skerry::relay::FlowSide;
 use skerry::udp_batch::{self, GSO_MAX_BYTES, RecvBatch};
@@ -115,6 +116,9 @@ pub async fn tcp_accept_loop(
     ctx: Arc<RelayContext>,
     stop: CancellationToken,
 ) {
+    // A flood of connections can run the edge out of descriptors: one line
+    // per failed accept (20 a second) would bury the log in the same news.
+    let mut failures = LogBudget::new(Duration::from_secs(60), 5);
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => break,
@@ -124,7 +128,12 @@ pub async fn tcp_accept_loop(
             Ok(a) => a,
             Err(e) => {
                 // Out of file descriptors and the like: back off, keep serving.
-                warn!(port = port.port, error = %e, "accept failed");
+                match failures.admit(Instant::now()) {
+                    Some(held_back) => {
+                        warn!(port = port.port, error = %e, held_back, "accept failed")
+                    }
+                    None => debug!(port = port.port, error = %e, "accept failed"),
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }

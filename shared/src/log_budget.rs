@@ -21,6 +21,9 @@ pub struct LogBudget {
 }
 
 impl LogBudget {
+    /// Windows are fixed, not sliding: up to twice `per_window` can come
+    /// out close together around a window's end. A count held back is
+    /// reported with the next event logged, whenever that comes.
     pub fn new(window: Duration, per_window: u32) -> Self {
         LogBudget {
             window,

@@ -7,8 +7,8 @@
 
 use tracing_subscriber::filter::{LevelFilter, Targets};
 
-/// The filter `RUST_LOG` asks for, or `default` for every target when it
-/// is unset, empty or unreadable (then with a note on stderr saying why).
+/// The filter `RUST_LOG` asks for, or `default` (see [`parse`]) when it is
+/// unset, empty or unreadable (then with a note on stderr saying why).
 pub fn filter_from_env(default: LevelFilter) -> Targets {
     let spec = std::env::var("RUST_LOG").unwrap_or_default();
     parse(&spec, default).unwrap_or_else(|e| {
@@ -16,15 +16,31 @@ pub fn filter_from_env(default: LevelFilter) -> Targets {
             "RUST_LOG={spec:?} ignored ({e}); write a level (`debug`) or \
              target=level pairs (`skerry=debug,quinn=warn`). Logging at {default}."
         );
-        Targets::new().with_default(default)
+        quiet_about_peers(default)
     })
 }
 
-/// An empty spec means `default` for every target.
+/// Libraries whose warnings are about what a peer sent (an illegal SNI, a
+/// packet that does not parse): on the edge's public control port anyone
+/// can cause one per packet. By default only their errors are logged; the
+/// agents log each refused connection themselves, within a budget.
+const PEER_CHATTER: [&str; 2] = ["rustls", "quinn_proto"];
+
+/// `default` for every target, errors only for [`PEER_CHATTER`].
+fn quiet_about_peers(default: LevelFilter) -> Targets {
+    PEER_CHATTER
+        .iter()
+        .fold(Targets::new().with_default(default), |t, target| {
+            t.with_target(*target, LevelFilter::ERROR.min(default))
+        })
+}
+
+/// An empty spec means `default`, but [`PEER_CHATTER`] at errors only; a
+/// spec that names a level or targets is taken as written.
 fn parse(spec: &str, default: LevelFilter) -> Result<Targets, String> {
     let spec = spec.trim();
     if spec.is_empty() {
-        return Ok(Targets::new().with_default(default));
+        return Ok(quiet_about_peers(default));
     }
     spec.parse::<Targets>().map_err(|e| e.to_string())
 }
@@ -51,5 +67,30 @@ mod tests {
         assert!(empty.would_enable("edge_agent", &tracing::Level::INFO));
         assert!(!empty.would_enable("edge_agent", &tracing::Level::DEBUG));
         assert!(parse("skerry=loud", LevelFilter::INFO).is_err());
+    }
+
+    #[test]
+    fn by_default_what_peers_cause_in_libraries_is_logged_only_as_errors() {
+        let default = parse("", LevelFilter::INFO).expect("empty");
+        for target in ["rustls::msgs::handshake", "quinn_proto::connection"] {
+            assert!(
+                !default.would_enable(target, &tracing::Level::WARN),
+                "{target}"
+            );
+            assert!(
+                default.would_enable(target, &tracing::Level::ERROR),
+                "{target}"
+            );
+        }
+        assert!(default.would_enable("quinn", &tracing::Level::WARN));
+        // Asked for, they are all there.
+        let debug = parse("debug", LevelFilter::INFO).expect("a level");
+        assert!(debug.would_enable("rustls::msgs::handshake", &tracing::Level::DEBUG));
+        // A default of "off" stays off for them too.
+        assert!(
+            !parse("", LevelFilter::OFF)
+                .expect("empty")
+                .would_enable("rustls", &tracing::Level::ERROR)
+        );
     }
 }
