@@ -273,7 +273,7 @@ fn decode_chunked(mut rest: &[u8], max_body: usize) -> Result<Option<Vec<u8>>, M
     }
 }
 
-/// `GET base/path`, one connection, [`REQUEST_TIMEOUT`] in all.
+/// `GET base/path`, one connection, `REQUEST_TIMEOUT` in all.
 pub async fn get(
     base: &MetadataUrl,
     path: &str,

@@ -50,6 +50,9 @@ pub struct RelayContext {
     udp_flows: Mutex<FlowTable>,
     /// Public UDP sockets by port, and whether each is an IPv6 (dual-stack) socket.
     udp_sockets: RwLock<HashMap<u16, (Arc<UdpSocket>, bool)>>,
+    /// Failed accepts on any public port: running out of descriptors under
+    /// a flood is the whole edge's news, and worth a few lines a minute.
+    accept_failures: Mutex<LogBudget>,
 }
 
 impl RelayContext {
@@ -68,6 +71,7 @@ impl RelayContext {
             udp_idle,
             udp_flows: Mutex::new(FlowTable::new()),
             udp_sockets: RwLock::new(HashMap::new()),
+            accept_failures: Mutex::new(LogBudget::new(Duration::from_secs(60), 5)),
         })
     }
 
@@ -116,9 +120,6 @@ pub async fn tcp_accept_loop(
     ctx: Arc<RelayContext>,
     stop: CancellationToken,
 ) {
-    // A flood of connections can run the edge out of descriptors: one line
-    // per failed accept (20 a second) would bury the log in the same news.
-    let mut failures = LogBudget::new(Duration::from_secs(60), 5);
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => break,
@@ -128,10 +129,19 @@ pub async fn tcp_accept_loop(
             Ok(a) => a,
             Err(e) => {
                 // Out of file descriptors and the like: back off, keep serving.
-                match failures.admit(Instant::now()) {
-                    Some(held_back) => {
-                        warn!(port = port.port, error = %e, held_back, "accept failed")
-                    }
+                let admitted = ctx
+                    .accept_failures
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .admit(Instant::now());
+                match admitted {
+                    Some(0) => warn!(port = port.port, error = %e, "accept failed"),
+                    Some(held_back) => warn!(
+                        port = port.port,
+                        error = %e,
+                        held_back,
+                        "accept failed; more did since the last one logged (RUST_LOG=debug logs each)"
+                    ),
                     None => debug!(port = port.port, error = %e, "accept failed"),
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;

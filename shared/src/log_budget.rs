@@ -9,6 +9,10 @@
 use std::time::{Duration, Instant};
 
 /// At most `per_window` events logged in each `window`; the others counted.
+///
+/// Windows are fixed, not sliding: up to twice `per_window` can come out
+/// close together around a window's end. A count held back is reported with
+/// the next event logged, whenever that comes.
 #[derive(Debug)]
 pub struct LogBudget {
     window: Duration,
@@ -21,9 +25,6 @@ pub struct LogBudget {
 }
 
 impl LogBudget {
-    /// Windows are fixed, not sliding: up to twice `per_window` can come
-    /// out close together around a window's end. A count held back is
-    /// reported with the next event logged, whenever that comes.
     pub fn new(window: Duration, per_window: u32) -> Self {
         LogBudget {
             window,

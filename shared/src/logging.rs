@@ -1,48 +1,57 @@
 //! The log filter both agents read from `RUST_LOG`.
 //!
 //! `tracing-subscriber`'s `Targets`, not `EnvFilter`: the directives people
-//! write (`debug`, `skerry=debug,quinn=warn`) without a regex engine in
+//! write (`debug`, `info,skerry=debug,quinn=warn`) without a regex engine in
 //! binaries whose resident size is one of their features. A `RUST_LOG`
 //! that does not parse is reported, not silently replaced.
 
 use tracing_subscriber::filter::{LevelFilter, Targets};
 
-/// The filter `RUST_LOG` asks for, or `default` (see [`parse`]) when it is
-/// unset, empty or unreadable (then with a note on stderr saying why).
+/// The filter `RUST_LOG` asks for, or `default` when it is unset, empty or
+/// unreadable (then with a note on stderr saying why). Unless it asks for
+/// debug or names them, rustls and quinn-proto log errors only.
 pub fn filter_from_env(default: LevelFilter) -> Targets {
     let spec = std::env::var("RUST_LOG").unwrap_or_default();
     parse(&spec, default).unwrap_or_else(|e| {
         eprintln!(
             "RUST_LOG={spec:?} ignored ({e}); write a level (`debug`) or \
-             target=level pairs (`skerry=debug,quinn=warn`). Logging at {default}."
+             target=level pairs after it (`info,skerry=debug,quinn=warn`). Logging at {default}."
         );
-        quiet_about_peers(default)
+        quieten_peers(Targets::new().with_default(default))
     })
 }
 
 /// Libraries whose warnings are about what a peer sent (an illegal SNI, a
 /// packet that does not parse): on the edge's public control port anyone
-/// can cause one per packet. By default only their errors are logged; the
-/// agents log each refused connection themselves, within a budget.
+/// can cause one per packet. At info and below only their errors are
+/// logged; the agents log each refused connection themselves, within a
+/// budget.
 const PEER_CHATTER: [&str; 2] = ["rustls", "quinn_proto"];
 
-/// `default` for every target, errors only for [`PEER_CHATTER`].
-fn quiet_about_peers(default: LevelFilter) -> Targets {
+/// Errors only for [`PEER_CHATTER`], unless the filter's default level is
+/// debug or more, or it names them itself.
+fn quieten_peers(targets: Targets) -> Targets {
+    let Some(level) = targets.default_level().filter(|l| *l <= LevelFilter::INFO) else {
+        return targets;
+    };
+    let named: Vec<String> = targets.iter().map(|(t, _)| t.to_owned()).collect();
     PEER_CHATTER
         .iter()
-        .fold(Targets::new().with_default(default), |t, target| {
-            t.with_target(*target, LevelFilter::ERROR.min(default))
+        .filter(|chatter| !named.iter().any(|t| t.starts_with(*chatter)))
+        .fold(targets, |t, chatter| {
+            t.with_target(*chatter, LevelFilter::ERROR.min(level))
         })
 }
 
-/// An empty spec means `default`, but [`PEER_CHATTER`] at errors only; a
-/// spec that names a level or targets is taken as written.
+/// An empty spec means `default` for every target.
 fn parse(spec: &str, default: LevelFilter) -> Result<Targets, String> {
     let spec = spec.trim();
-    if spec.is_empty() {
-        return Ok(quiet_about_peers(default));
-    }
-    spec.parse::<Targets>().map_err(|e| e.to_string())
+    let targets = if spec.is_empty() {
+        Targets::new().with_default(default)
+    } else {
+        spec.parse::<Targets>().map_err(|e| e.to_string())?
+    };
+    Ok(quieten_peers(targets))
 }
 
 #[cfg(test)]
@@ -83,9 +92,16 @@ mod tests {
             );
         }
         assert!(default.would_enable("quinn", &tracing::Level::WARN));
-        // Asked for, they are all there.
+        // The edge's unit file says RUST_LOG=info: the same.
+        let info = parse("info", LevelFilter::WARN).expect("a level");
+        assert!(!info.would_enable("quinn_proto::endpoint", &tracing::Level::WARN));
+        assert!(info.would_enable("edge_agent", &tracing::Level::INFO));
+        // Asked for, by level or by name, they are all there.
         let debug = parse("debug", LevelFilter::INFO).expect("a level");
         assert!(debug.would_enable("rustls::msgs::handshake", &tracing::Level::DEBUG));
+        let named = parse("info,rustls=warn", LevelFilter::INFO).expect("pairs");
+        assert!(named.would_enable("rustls::msgs::handshake", &tracing::Level::WARN));
+        assert!(!named.would_enable("quinn_proto::connection", &tracing::Level::WARN));
         // A default of "off" stays off for them too.
         assert!(
             !parse("", LevelFilter::OFF)

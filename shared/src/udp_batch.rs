@@ -16,8 +16,7 @@ pub const GSO_MAX_BYTES: usize = 65_000;
 
 /// Readies `socket` for batched I/O (GRO on) and returns its quinn-udp
 /// state. quinn-udp also asks for "probe" path-MTU discovery (DF set, path
-/// MTU ignored); that is undone here, see
-/// [`allow_fragmentation`](crate::sockopt::allow_fragmentation).
+/// MTU ignored); that is undone here (`sockopt::allow_fragmentation`).
 pub fn socket_state(socket: &UdpSocket) -> io::Result<UdpSocketState> {
     let state = UdpSocketState::new(socket.into())?;
     crate::sockopt::allow_fragmentation(socket);

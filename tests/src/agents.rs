@@ -470,8 +470,9 @@ mod tests {
         );
         let releaser = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(300));
+            let released = std::time::Instant::now();
             drop(held);
-            std::time::Instant::now()
+            released
         });
         let stop = CancellationToken::new();
         let edge = start_edge(&topo, opts, stop.clone());

@@ -66,7 +66,7 @@ pub struct DropletArgs {
     #[arg(long, default_value = droplet::DEFAULT_SIZE)]
     pub size: String,
     /// Image of a new droplet [default: the newest private image named
-    /// skerry-edge-<this version>].
+    /// skerry-edge-VERSION, VERSION being this home-agent's].
     #[arg(long, value_name = "NAME|ID")]
     pub image: Option<ImageChoice>,
     /// A reserved IPv4 address of yours to assign to the droplet: the

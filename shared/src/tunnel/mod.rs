@@ -5,7 +5,7 @@
 //! | [`addrs`] | the private addresses of the two tunnel ends |
 //! | [`device`] | creating and configuring the TUN device (rtnetlink) |
 //! | [`driver`] | the task that moves packets between TUN, `Tunn` and UDP |
-//! | [`tun_buf`] | TUN buffers' layout; write buffers sized by what GRO coalesces |
+//! | `tun_buf` | TUN buffers' layout; write buffers sized by what GRO coalesces |
 //! | [`keys`] | WireGuard keys, kept in a type that never prints |
 //!
 //! The tunnel carries IPv4 between two addresses only; public clients of
