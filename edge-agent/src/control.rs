@@ -3,7 +3,7 @@
 
 use std::fmt::Display;
 use std::net::{Ipv6Addr, SocketAddr};
-use std::sync::{Arc, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use skerry::control::{ControlError, MessageReader, close_code, write_message};
@@ -223,7 +223,7 @@ fn log_refused(refusals: &std::sync::Mutex<LogBudget>, now: Instant, reason: &dy
     let reason = reason.to_string().escape_debug().to_string();
     let admitted = refusals
         .lock()
-        .unwrap_or_else(PoisonError::into_inner)
+        .unwrap_or_else(|p| p.into_inner())
         .admit(now);
     match admitted {
         Some(0) => warn!(%reason, "control connection refused"),
@@ -276,7 +276,7 @@ mod tests {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
             self.0
                 .lock()
-                .unwrap_or_else(PoisonError::into_inner)
+                .unwrap_or_else(|p| p.into_inner())
                 .extend_from_slice(buf);
             Ok(buf.len())
         }
@@ -310,7 +310,7 @@ mod tests {
                 &"forged\nWARN line",
             );
         });
-        let text = String::from_utf8(log.0.lock().unwrap_or_else(PoisonError::into_inner).clone())
+        let text = String::from_utf8(log.0.lock().unwrap_or_else(|p| p.into_inner()).clone())
             .expect("utf-8 log");
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(

@@ -34,6 +34,9 @@ use crate::udp_flows::FlowTable;
 /// Largest UDP payload read from a public socket.
 const MAX_UDP_PAYLOAD: usize = 65507;
 
+/// Failed accepts logged in full per minute, over all ports; the rest counted.
+const ACCEPT_FAILURES_LOGGED_PER_MINUTE: u32 = 5;
+
 /// What every relay needs: where home is, and the UDP flow state.
 #[derive(Debug)]
 pub struct RelayContext {
@@ -71,7 +74,10 @@ impl RelayContext {
             udp_idle,
             udp_flows: Mutex::new(FlowTable::new()),
             udp_sockets: RwLock::new(HashMap::new()),
-            accept_failures: Mutex::new(LogBudget::new(Duration::from_secs(60), 5)),
+            accept_failures: Mutex::new(LogBudget::new(
+                Duration::from_secs(60),
+                ACCEPT_FAILURES_LOGGED_PER_MINUTE,
+            )),
         })
     }
 
@@ -140,7 +146,7 @@ pub async fn tcp_accept_loop(
                         port = port.port,
                         error = %e,
                         held_back,
-                        "accept failed; more did since the last one logged (RUST_LOG=debug logs each)"
+                        "accept failed; more did on any port since the last one logged (RUST_LOG=debug logs each)"
                     ),
                     None => debug!(port = port.port, error = %e, "accept failed"),
                 }

@@ -17,6 +17,7 @@
 //! | [`netns`] | network namespaces: the embedded local edge and the tests |
 //! | [`sockopt`] | socket options no crate wraps (fragmentation, `TCP_DEFER_ACCEPT`) |
 //! | [`shutdown`] | SIGINT and SIGTERM to a cancellation token |
+//! | [`log_budget`] | a cap on how often what strangers cause is logged |
 //! | [`logging`] | the `RUST_LOG` filter both agents use |
 //!
 //! What it does not do: open public listeners (the edge-agent does) or

@@ -24,20 +24,31 @@ pub fn filter_from_env(default: LevelFilter) -> Targets {
 /// Libraries whose warnings are about what a peer sent (an illegal SNI, a
 /// packet that does not parse): on the edge's public control port anyone
 /// can cause one per packet. At info and below only their errors are
-/// logged; the agents log each refused connection themselves, within a
-/// budget.
+/// logged; the edge logs each refused connection itself, within a budget.
+/// (The home-agent, at warn, loses their warnings about its own outgoing
+/// handshake too; its own error says what failed.)
 const PEER_CHATTER: [&str; 2] = ["rustls", "quinn_proto"];
 
 /// Errors only for [`PEER_CHATTER`], unless the filter's default level is
-/// debug or more, or it names them itself.
+/// debug or more, or it names them itself: by their own name or a module
+/// of theirs, or by a prefix (`quinn` covers `quinn_proto`) at debug or more.
 fn quieten_peers(targets: Targets) -> Targets {
     let Some(level) = targets.default_level().filter(|l| *l <= LevelFilter::INFO) else {
         return targets;
     };
-    let named: Vec<String> = targets.iter().map(|(t, _)| t.to_owned()).collect();
+    let named: Vec<(String, LevelFilter)> =
+        targets.iter().map(|(t, l)| (t.to_owned(), l)).collect();
+    let asked_for = |chatter: &str| {
+        named.iter().any(|(t, l)| {
+            t == chatter
+                || t.strip_prefix(chatter)
+                    .is_some_and(|rest| rest.starts_with("::"))
+                || (chatter.starts_with(t.as_str()) && *l > LevelFilter::INFO)
+        })
+    };
     PEER_CHATTER
         .iter()
-        .filter(|chatter| !named.iter().any(|t| t.starts_with(*chatter)))
+        .filter(|chatter| !asked_for(chatter))
         .fold(targets, |t, chatter| {
             t.with_target(*chatter, LevelFilter::ERROR.min(level))
         })
@@ -102,6 +113,14 @@ mod tests {
         let named = parse("info,rustls=warn", LevelFilter::INFO).expect("pairs");
         assert!(named.would_enable("rustls::msgs::handshake", &tracing::Level::WARN));
         assert!(!named.would_enable("quinn_proto::connection", &tracing::Level::WARN));
+        // A prefix asked for at debug covers quinn_proto; at warn it does not.
+        let quinn = parse("info,quinn=debug", LevelFilter::INFO).expect("pairs");
+        assert!(quinn.would_enable("quinn_proto::connection", &tracing::Level::DEBUG));
+        let quinn = parse("info,quinn=warn", LevelFilter::INFO).expect("pairs");
+        assert!(!quinn.would_enable("quinn_proto::connection", &tracing::Level::WARN));
+        // Another crate with a like name is not rustls.
+        let pem = parse("info,rustls_pemfile=warn", LevelFilter::INFO).expect("pairs");
+        assert!(!pem.would_enable("rustls::msgs::handshake", &tracing::Level::WARN));
         // A default of "off" stays off for them too.
         assert!(
             !parse("", LevelFilter::OFF)
