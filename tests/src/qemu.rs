@@ -196,6 +196,9 @@ impl Forward {
 pub struct VmConfig {
     pub image: PathBuf,
     pub memory_mib: u32,
+    /// More than one runs the vCPUs on threads of their own (MTTCG), where
+    /// a guest kernel patching its own code can hang (see the edge image
+    /// test).
     pub cpus: u32,
     pub forwards: Vec<Forward>,
     /// The guest's serial console (kernel, systemd and edge-agent logs).
