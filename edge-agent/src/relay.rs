@@ -175,10 +175,17 @@ pub async fn tcp_accept_loop(
         tokio::spawn(
             async move {
                 let result = tokio::select! {
-                    r = tcp_flow(stream, client, port.port, &ctx) => r,
+                    r = tcp_flow(&stream, client, port.port, &ctx) => r,
                     () = port.flows.cancelled() => Ok(None),
                 };
                 port.active.fetch_sub(1, Ordering::AcqRel);
+                // No flow to home, or home gave up on the connection (its
+                // target refused, reset or went away): the client is told
+                // with a reset, as a direct connection would tell it.
+                if result.is_err() {
+                    skerry::relay::reset_on_close(&stream);
+                }
+                drop(stream);
                 match result {
                     Ok(Some(ended)) => ended.reuse(&ctx.pool).await,
                     Ok(None) => {}
@@ -225,7 +232,7 @@ impl EndedFlow {
 /// Relays one public connection; a framed flow is returned once the
 /// connection has ended, to be reused.
 async fn tcp_flow(
-    client_stream: TcpStream,
+    client_stream: &TcpStream,
     client: SocketAddr,
     public_port: u16,
     ctx: &RelayContext,
@@ -266,7 +273,7 @@ async fn tcp_flow(
     if !flow.framed {
         let (moved, _) = crate::flow_pool::confirm_after_open_timeout(
             home,
-            skerry::relay::relay_tcp(&client_stream, home),
+            skerry::relay::relay_tcp(client_stream, home),
         )
         .await;
         let (up, down) = moved?;
@@ -275,7 +282,7 @@ async fn tcp_flow(
     }
     let (ended, lifted) = crate::flow_pool::confirm_after_open_timeout(
         home,
-        skerry::relay::relay_framed(&client_stream, home, Vec::new(), FlowSide::Edge),
+        skerry::relay::relay_framed(client_stream, home, Vec::new(), FlowSide::Edge),
     )
     .await;
     let ended = ended?;

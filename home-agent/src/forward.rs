@@ -131,7 +131,12 @@ pub async fn tcp_flows(listener: TcpListener, fwd: Arc<Forwarding>, shutdown: Ca
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             tokio::select! {
-                r = tcp_flow(stream, &fwd) => if let Err(e) = r { debug!(error = %e, "flow ended with an error") },
+                r = tcp_flow(&stream, &fwd) => if let Err(e) = r {
+                    // The edge passes the reset on to the client (a target
+                    // that refused, reset or went away).
+                    skerry::relay::reset_on_close(&stream);
+                    debug!(error = %e, "flow ended with an error");
+                },
                 () = shutdown.cancelled() => {}
             }
         });
@@ -141,23 +146,22 @@ pub async fn tcp_flows(listener: TcpListener, fwd: Arc<Forwarding>, shutdown: Ca
 /// One flow from the edge: a raw flow carries one connection; a framed one
 /// carries connections one after another, each opened by its own header,
 /// until the edge closes it. `tunnel` has TCP_NODELAY from the flow listener.
-async fn tcp_flow(tunnel: TcpStream, fwd: &Forwarding) -> anyhow::Result<()> {
+async fn tcp_flow(tunnel: &TcpStream, fwd: &Forwarding) -> anyhow::Result<()> {
     let mut pending = Vec::new();
     loop {
         // The edge may have opened this flow ahead of the connection that
         // will use it (its flow pool), or keep it for the next one, so the
         // header can be minutes away.
-        let header =
-            tokio::time::timeout(FLOW_HEADER_WAIT, read_flow_header(&tunnel, &mut pending))
-                .await
-                .map_err(|_| anyhow::anyhow!("no flow header within {FLOW_HEADER_WAIT:?}"))??;
+        let header = tokio::time::timeout(FLOW_HEADER_WAIT, read_flow_header(tunnel, &mut pending))
+            .await
+            .map_err(|_| anyhow::anyhow!("no flow header within {FLOW_HEADER_WAIT:?}"))??;
         let Some(header) = header else {
             trace!("unused flow closed by the edge");
             return Ok(());
         };
         let span = debug_span!("flow", port = header.public_port, client = %header.client);
         let after = std::mem::take(&mut pending);
-        pending = tcp_connection(&tunnel, header, after, fwd)
+        pending = tcp_connection(tunnel, header, after, fwd)
             .instrument(span)
             .await?;
         if !header.framed {
@@ -510,7 +514,7 @@ mod tests {
         let (fwd, mut edge, home) = setup(echo_target().await).await;
         let served = tokio::spawn({
             let fwd = fwd.clone();
-            async move { tcp_flow(home, &fwd).await }
+            async move { tcp_flow(&home, &fwd).await }
         });
         let mut wire = framed_request(1, b"first");
         wire.extend_from_slice(&framed_request(2, b"second request"));
@@ -541,7 +545,7 @@ mod tests {
     #[tokio::test]
     async fn a_raw_flow_carries_one_connection() {
         let (fwd, mut edge, home) = setup(echo_target().await).await;
-        let served = tokio::spawn(async move { tcp_flow(home, &fwd).await });
+        let served = tokio::spawn(async move { tcp_flow(&home, &fwd).await });
         let mut wire = header(false, 1);
         wire.extend_from_slice(b"raw bytes");
         edge.write_all(&wire).await.unwrap();
@@ -565,7 +569,7 @@ mod tests {
             .unwrap();
         let gone = holder.local_addr().unwrap().as_socket().unwrap();
         let (fwd, mut edge, home) = setup(gone).await;
-        let served = tokio::spawn(async move { tcp_flow(home, &fwd).await });
+        let served = tokio::spawn(async move { tcp_flow(&home, &fwd).await });
         edge.write_all(&framed_request(1, b"hello")).await.unwrap();
         let mut got = Vec::new();
         let read = tokio::time::timeout(Duration::from_secs(5), edge.read_to_end(&mut got))

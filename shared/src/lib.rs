@@ -15,7 +15,7 @@
 //! | [`tunnel`] | the WireGuard data plane: boringtun over a TUN device set up with rtnetlink |
 //! | [`udp_batch`] | batched UDP receive (`recvmmsg`, GRO) for every data-path socket |
 //! | [`netns`] | network namespaces: the embedded local edge and the tests |
-//! | [`sockopt`] | socket options no crate wraps (fragmentation, `TCP_DEFER_ACCEPT`) |
+//! | [`sockopt`] | socket options no crate wraps (fragmentation, `TCP_DEFER_ACCEPT`, unacknowledged bytes) |
 //! | [`shutdown`] | SIGINT and SIGTERM to a cancellation token |
 //! | [`log_budget`] | a cap on how often what strangers cause is logged |
 //! | [`logging`] | the `RUST_LOG` filter both agents use |

@@ -7,7 +7,10 @@
 //! byte and relay, where copying is most of what a relay costs. Small
 //! messages (requests, replies, keystrokes) are copied: fewer and cheaper
 //! system calls per message. A half-close is passed on: the end of one
-//! side's stream becomes a write shutdown of the other.
+//! side's stream becomes a write shutdown of the other. So is an abnormal
+//! end: when the relay fails (a reset, a peer gone, a broken flow), both
+//! connections are closed with a reset, not a clean end of stream that
+//! would pass a cut-off answer off as whole.
 //!
 //! A framed flow (flow version 2, see [`crate::flow`]) is relayed by
 //! [`relay_framed`]: the same copies and splices, with a length prefix
@@ -45,6 +48,7 @@ pub async fn relay_tcp(a: &TcpStream, b: &TcpStream) -> io::Result<(u64, u64)> {
     let moved = both_ways(
         one_way(a, b, a_to_b.as_ref()),
         one_way(b, a, b_to_a.as_ref()),
+        [a, b],
     )
     .await;
     if moved.is_ok() {
@@ -92,13 +96,17 @@ pub async fn relay_framed(
     let (out_pipe, in_pipe) = two_pipes();
     let inbound_ended = AtomicBool::new(false);
     let finish = (side == FlowSide::Home).then_some(&inbound_ended);
-    let moved = both_ways(frame_out(plain, tunnel, out_pipe.as_ref(), finish), async {
-        let r = unframe_in(tunnel, plain, in_pipe.as_ref(), pending).await;
-        if r.is_ok() {
-            inbound_ended.store(true, Ordering::Release);
-        }
-        r
-    })
+    let moved = both_ways(
+        frame_out(plain, tunnel, out_pipe.as_ref(), finish),
+        async {
+            let r = unframe_in(tunnel, plain, in_pipe.as_ref(), pending).await;
+            if r.is_ok() {
+                inbound_ended.store(true, Ordering::Release);
+            }
+            r
+        },
+        [plain, tunnel],
+    )
     .await;
     if moved.is_ok() {
         give_back([out_pipe, in_pipe]);
@@ -114,12 +122,18 @@ pub async fn relay_framed(
     })
 }
 
-/// How long the direction that outlives a failed write may take to deliver
-/// the peer's last bytes: a client that does not read them (it is stuck
-/// writing an upload no one reads any more) must not hold the relay.
+/// How long a relay that failed may take to deliver what it still holds
+/// (the direction that outlives a failed write, then the bytes its sockets
+/// have not had acknowledged): a client that does not read them (it is
+/// stuck writing an upload no one reads any more) must not hold the relay.
 const AFTER_WRITE_FAILURE: Duration = Duration::from_secs(5);
 
-/// Runs a relay's two directions; the first error is the result.
+/// How often a failed relay looks whether its last bytes have been
+/// acknowledged before it resets the connection.
+const DELIVERY_POLL: Duration = Duration::from_millis(5);
+
+/// Runs a relay's two directions over the connections `ends`; the first
+/// error is the result, and then both connections end with a reset.
 ///
 /// A direction that cannot read its source ends the relay at once: the
 /// other one might wait for that source forever. One that cannot write to
@@ -130,18 +144,24 @@ const AFTER_WRITE_FAILURE: Duration = Duration::from_secs(5);
 async fn both_ways<A, B>(
     a: impl Future<Output = io::Result<A>>,
     b: impl Future<Output = io::Result<B>>,
+    ends: [&TcpStream; 2],
 ) -> io::Result<(A, B)> {
     let (mut a, mut b) = (std::pin::pin!(a), std::pin::pin!(b));
     let first = tokio::select! {
         r = &mut a => Ended::A(r),
         r = &mut b => Ended::B(r),
     };
-    match first {
-        Ended::A(Ok(a)) => Ok((a, b.await?)),
-        Ended::B(Ok(b)) => Ok((a.await?, b)),
-        Ended::A(Err(e)) => Err(outlive(e, b).await),
-        Ended::B(Err(e)) => Err(outlive(e, a).await),
+    let deadline = tokio::time::Instant::now() + AFTER_WRITE_FAILURE;
+    let failed = match first {
+        Ended::A(Ok(a)) => return Ok((a, b.await?)),
+        Ended::B(Ok(b)) => return Ok((a.await?, b)),
+        Ended::A(Err(e)) => outlive(e, b, deadline).await,
+        Ended::B(Err(e)) => outlive(e, a, deadline).await,
+    };
+    for end in ends {
+        reset_once_delivered(end, deadline).await;
     }
+    Err(failed)
 }
 
 /// The direction that ended first in [`both_ways`].
@@ -151,13 +171,41 @@ enum Ended<A, B> {
 }
 
 /// After one direction failed with `first`: a failed write leaves `other`
-/// up to [`AFTER_WRITE_FAILURE`] to deliver the peer's last bytes (it ends
-/// with the peer's reset); anything else ends it at once.
-async fn outlive<T>(first: io::Error, other: impl Future<Output = io::Result<T>>) -> io::Error {
+/// until `deadline` to deliver the peer's last bytes (it ends with the
+/// peer's reset); anything else ends it at once.
+async fn outlive<T>(
+    first: io::Error,
+    other: impl Future<Output = io::Result<T>>,
+    deadline: tokio::time::Instant,
+) -> io::Error {
     if is_write_failure(&first) {
-        let _ = tokio::time::timeout(AFTER_WRITE_FAILURE, other).await;
+        let _ = tokio::time::timeout_at(deadline, other).await;
     }
     first
+}
+
+/// Makes `stream` end with a reset when it is closed, once its peer has
+/// acknowledged what was written to it (or at `deadline`): the bytes a
+/// service sent before it aborted still arrive ahead of the reset, as they
+/// would with nothing between.
+async fn reset_once_delivered(stream: &TcpStream, deadline: tokio::time::Instant) {
+    // A connection already reset or closed acknowledges nothing more.
+    while stream.peer_addr().is_ok()
+        && crate::sockopt::unacknowledged(stream).is_ok_and(|n| n > 0)
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(DELIVERY_POLL).await;
+    }
+    reset_on_close(stream);
+}
+
+/// Makes closing `stream` send a reset (`SO_LINGER` 0) instead of a clean
+/// end of stream: for a connection that ended abnormally, so that its peer
+/// can tell. Unsent bytes are dropped.
+pub fn reset_on_close(stream: &TcpStream) {
+    if let Err(e) = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO)) {
+        tracing::debug!(error = %e, "cannot make a connection's close a reset");
+    }
 }
 
 /// A write that failed: the peer written to is gone (reset, timed out).
@@ -1188,5 +1236,140 @@ mod tests {
             started.elapsed() >= AFTER_WRITE_FAILURE,
             "the relay ended before its grace: the answer fit after all"
         );
+    }
+
+    /// Reads until the end of the stream or an error: what was read, and
+    /// how it ended.
+    async fn read_to_the_end(stream: &mut TcpStream) -> (Vec<u8>, io::Result<()>) {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await {
+                Err(_) => return (got, Err(io::ErrorKind::TimedOut.into())),
+                Ok(Ok(0)) => return (got, Ok(())),
+                Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+                Ok(Err(e)) => return (got, Err(e)),
+            }
+        }
+    }
+
+    fn assert_reset(end: &io::Result<()>, what: &str) {
+        assert!(
+            matches!(end, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
+            "{what}: {end:?}, not a reset"
+        );
+    }
+
+    /// A server that sends part of an answer, then aborts (a reset, with
+    /// nothing of the client's unread).
+    async fn part_then_abort() -> (TcpStream, TcpStream, TcpStream) {
+        let (client, near) = pair().await;
+        let (far, mut server) = pair().await;
+        server.write_all(b"part of an answer").await.unwrap();
+        server.set_zero_linger().unwrap();
+        drop(server);
+        (client, near, far)
+    }
+
+    /// The client gets the part, then the reset: a clean end of stream
+    /// would pass the part off as the whole answer.
+    #[tokio::test]
+    async fn an_abort_is_passed_on_as_a_reset() {
+        let (mut client, near, far) = part_then_abort().await;
+        let result = tokio::time::timeout(Duration::from_secs(10), relay_tcp(&near, &far))
+            .await
+            .expect("the relay ends");
+        assert!(result.is_err(), "the abort is an error: {result:?}");
+        drop((near, far));
+        let (got, end) = read_to_the_end(&mut client).await;
+        assert_eq!(got, b"part of an answer");
+        assert_reset(&end, "the client sees the abort");
+    }
+
+    #[tokio::test]
+    async fn an_abort_is_passed_on_as_a_reset_across_a_framed_flow() {
+        let (mut client, edge_plain, home_plain) = part_then_abort().await;
+        let (t_edge, t_home) = pair().await;
+        let home = async move {
+            let r = relay_framed(&home_plain, &t_home, Vec::new(), FlowSide::Home).await;
+            drop((home_plain, t_home));
+            r
+        };
+        let edge = async move {
+            let r = relay_framed(&edge_plain, &t_edge, Vec::new(), FlowSide::Edge).await;
+            drop((edge_plain, t_edge));
+            r
+        };
+        let (edge, home, (got, end)) = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::join!(edge, home, read_to_the_end(&mut client))
+        })
+        .await
+        .expect("both relays end");
+        assert!(home.is_err(), "the abort is an error at home: {home:?}");
+        assert!(edge.is_err(), "and at the edge: {edge:?}");
+        assert_eq!(got, b"part of an answer");
+        assert_reset(&end, "the client sees the abort");
+    }
+
+    /// An answer larger than what a slow client has room for: the reset
+    /// waits until the client has all of it (bounded by the relay's grace),
+    /// as it would have had all of it before the reset with nothing between.
+    #[tokio::test]
+    async fn a_slow_client_gets_the_whole_answer_before_the_reset() {
+        let (mut client, near) = pair().await;
+        let (far, mut server) = pair().await;
+        socket2::SockRef::from(&client)
+            .set_recv_buffer_size(4096)
+            .unwrap();
+        let answer: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 251) as u8).collect();
+        server.write_all(&answer).await.unwrap();
+        // All of it with the relay's socket before the abort, which would
+        // drop what the server has not sent.
+        while crate::sockopt::unacknowledged(&server).unwrap() > 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        server.set_zero_linger().unwrap();
+        drop(server);
+        let relay = tokio::spawn(async move { relay_tcp(&near, &far).await });
+        // Most of the answer waits in the relay's socket, unacknowledged.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (got, end) = read_to_the_end(&mut client).await;
+        assert!(
+            got == answer,
+            "{} of {} bytes arrived",
+            got.len(),
+            answer.len()
+        );
+        assert_reset(&end, "the client sees the abort");
+        assert!(relay.await.unwrap().is_err());
+    }
+
+    /// The other way: a client's abort reaches the server as one, after the
+    /// request it sent before it.
+    #[tokio::test]
+    async fn a_client_s_abort_reaches_the_server() {
+        let ((mut client, a), (b, mut server)) = pairs().await;
+        let relay = tokio::spawn(async move { relay_tcp(&a, &b).await });
+        client.write_all(b"a request").await.unwrap();
+        client.set_zero_linger().unwrap();
+        drop(client);
+        let (got, end) = read_to_the_end(&mut server).await;
+        assert_eq!(got, b"a request");
+        assert_reset(&end, "the server sees the abort");
+        assert!(relay.await.unwrap().is_err());
+    }
+
+    /// A clean close stays one: the relay resets nothing that ended well.
+    #[tokio::test]
+    async fn a_clean_close_is_not_a_reset() {
+        let ((mut client, a), (b, mut server)) = pairs().await;
+        let relay = tokio::spawn(async move { relay_tcp(&a, &b).await });
+        server.write_all(b"the whole answer").await.unwrap();
+        drop(server);
+        let (got, end) = read_to_the_end(&mut client).await;
+        assert_eq!(got, b"the whole answer");
+        assert!(end.is_ok(), "a clean end of stream: {end:?}");
+        drop(client);
+        relay.await.unwrap().expect("a clean relay");
     }
 }

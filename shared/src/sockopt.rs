@@ -1,5 +1,5 @@
-//! The few socket options that neither socket2 nor nix wraps. The one
-//! `unsafe` call of the data plane lives here, behind a safe function.
+//! The few socket options and queries that neither socket2 nor nix wraps.
+//! The data plane's `unsafe` calls live here, behind safe functions.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
@@ -68,4 +68,24 @@ pub fn defer_accept<F: AsFd>(socket: &F, secs: u16) -> io::Result<()> {
         libc::TCP_DEFER_ACCEPT,
         libc::c_int::from(secs),
     )
+}
+
+/// Bytes written to a TCP socket that its peer has not acknowledged yet
+/// (`TIOCOUTQ`, sent or not).
+#[allow(unsafe_code)]
+pub(crate) fn unacknowledged<F: AsFd>(socket: &F) -> io::Result<usize> {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: the descriptor is borrowed from a live socket for the length
+    // of the call; TIOCOUTQ writes one c_int, to a local that outlives it.
+    let rc = unsafe {
+        libc::ioctl(
+            socket.as_fd().as_raw_fd(),
+            libc::TIOCOUTQ,
+            std::ptr::from_mut(&mut queued),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    usize::try_from(queued).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))
 }

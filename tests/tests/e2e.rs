@@ -582,3 +582,94 @@ fn a_flow_home_never_acknowledges_ends_after_the_open_timeout() {
         );
     });
 }
+
+/// How a connection ended, seen from one end: what it read, and whether
+/// the end was clean or a reset.
+async fn read_to_the_end(stream: &mut TcpStream) -> (Vec<u8>, std::io::Result<()>) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await {
+            Err(_) => return (got, Err(std::io::ErrorKind::TimedOut.into())),
+            Ok(Ok(0)) => return (got, Ok(())),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Ok(Err(e)) => return (got, Err(e)),
+        }
+    }
+}
+
+fn is_reset(end: &std::io::Result<()>) -> bool {
+    matches!(end, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset)
+}
+
+/// An abnormal end crosses the tunnel as a reset, as it would reach the
+/// other end with nothing between: a target that aborts after part of its
+/// answer (the client gets the part, then the reset, not a clean end that
+/// passes the part off as whole), a target that refuses the connection,
+/// and a client that aborts (the target sees the reset after the request).
+#[test]
+fn resets_cross_the_tunnel() {
+    skerry_tests::init_tracing();
+    let pair = Pair::start(&[
+        &format!("tcp/9000={TCP_TARGET}"),
+        // Nothing listens there.
+        "tcp/9001=127.0.0.1:8009",
+    ]);
+    let listener = skerry_tests::tcp_listener_in(&pair.topo.home, TCP_TARGET.parse().unwrap());
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel::<(Vec<u8>, bool)>();
+    let _svc = spawn_in(&pair.topo.home, move || async move {
+        let listener = TcpListener::from_std(listener).expect("listener");
+        while let Ok((s, _)) = listener.accept().await {
+            let seen_tx = seen_tx.clone();
+            tokio::spawn(async move {
+                let mut s = BufReader::new(s);
+                let mut line = String::new();
+                if s.read_line(&mut line).await.is_err() {
+                    return;
+                }
+                let mut s = s.into_inner();
+                if line == "abort after part\n" {
+                    let _ = s.write_all(b"part of an answer").await;
+                    s.set_zero_linger().expect("SO_LINGER");
+                    return;
+                }
+                // Anything else: how the client ends it.
+                let (rest, end) = read_to_the_end(&mut s).await;
+                let mut got = line.into_bytes();
+                got.extend_from_slice(&rest);
+                let _ = seen_tx.send((got, is_reset(&end)));
+            });
+        }
+    });
+    pair.wait_for_pooled_flows();
+    let public = |port| SocketAddr::from((pair.topo.edge_public_v4, port));
+    let (aborting, refusing) = (public(9000), public(9001));
+    run_in(&pair.topo.client, move || async move {
+        let mut s = TcpStream::connect(aborting).await.expect("connect");
+        s.write_all(b"abort after part\n").await.expect("send");
+        let (got, end) = read_to_the_end(&mut s).await;
+        assert_eq!(got, b"part of an answer");
+        assert!(is_reset(&end), "the target's abort came as {end:?}");
+
+        let mut s = TcpStream::connect(refusing).await.expect("connect");
+        s.write_all(b"hello\n").await.expect("send");
+        let (got, end) = read_to_the_end(&mut s).await;
+        assert!(got.is_empty());
+        assert!(is_reset(&end), "the target's refusal came as {end:?}");
+
+        let mut s = TcpStream::connect(aborting).await.expect("connect");
+        s.write_all(b"a request, then an abort\n")
+            .await
+            .expect("send");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.set_zero_linger().expect("SO_LINGER");
+    });
+    let (got, reset) = seen_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the target saw no end of the aborted connection");
+    assert_eq!(got, b"a request, then an abort\n");
+    assert!(
+        reset,
+        "the client's abort reached the target as a clean end"
+    );
+}
