@@ -207,8 +207,8 @@ async fn read_flow_header(
 
 /// One connection to its target; `early` holds the tunnel bytes read past
 /// its header. Returns those read past its end (framed flows only): the
-/// start of the next header. An error closes the flow, which tells the
-/// edge to drop the client's connection.
+/// start of the next header. An error closes the flow (with a reset),
+/// which tells the edge to reset the client's connection.
 async fn tcp_connection(
     tunnel: &TcpStream,
     header: FlowHeader,

@@ -9,8 +9,9 @@
 //! system calls per message. A half-close is passed on: the end of one
 //! side's stream becomes a write shutdown of the other. So is an abnormal
 //! end: when the relay fails (a reset, a peer gone, a broken flow), both
-//! connections are closed with a reset, not a clean end of stream that
-//! would pass a cut-off answer off as whole.
+//! connections are closed with a reset once what they hold has been
+//! delivered, not with a clean end of stream that would pass a cut-off
+//! answer off as whole.
 //!
 //! A framed flow (flow version 2, see [`crate::flow`]) is relayed by
 //! [`relay_framed`]: the same copies and splices, with a length prefix
@@ -122,18 +123,28 @@ pub async fn relay_framed(
     })
 }
 
-/// How long a relay that failed may take to deliver what it still holds
-/// (the direction that outlives a failed write, then the bytes its sockets
-/// have not had acknowledged): a client that does not read them (it is
-/// stuck writing an upload no one reads any more) must not hold the relay.
+/// How long the direction that outlives a failed write may take to deliver
+/// the peer's last bytes: a client that does not read them (it is stuck
+/// writing an upload no one reads any more) must not hold the relay.
 const AFTER_WRITE_FAILURE: Duration = Duration::from_secs(5);
 
-/// How often a failed relay looks whether its last bytes have been
-/// acknowledged before it resets the connection.
-const DELIVERY_POLL: Duration = Duration::from_millis(5);
+/// A failed relay resets a connection once its peer has acknowledged
+/// everything written to it, or once that has made no progress for
+/// [`DELIVERY_STALLED`], or after [`DELIVERY_AT_MOST`] in all: a slow
+/// client still gets a whole answer, one that reads nothing does not hold
+/// the relay.
+const DELIVERY_STALLED: Duration = Duration::from_secs(5);
+const DELIVERY_AT_MOST: Duration = Duration::from_secs(60);
+/// How often a failed relay looks at what is still unacknowledged: every
+/// 5 ms at first (the usual case, a peer that has it all within a round
+/// trip, is reset at once), backing off to 100 ms.
+const DELIVERY_POLL_FIRST: Duration = Duration::from_millis(5);
+const DELIVERY_POLL_MAX: Duration = Duration::from_millis(100);
 
 /// Runs a relay's two directions over the connections `ends`; the first
-/// error is the result, and then both connections end with a reset.
+/// error is the result, and then both connections end with a reset (also
+/// when the other direction had already ended well: a request, a
+/// half-close, then an answer cut off by the target's abort).
 ///
 /// A direction that cannot read its source ends the relay at once: the
 /// other one might wait for that source forever. One that cannot write to
@@ -151,16 +162,20 @@ async fn both_ways<A, B>(
         r = &mut a => Ended::A(r),
         r = &mut b => Ended::B(r),
     };
-    let deadline = tokio::time::Instant::now() + AFTER_WRITE_FAILURE;
     let failed = match first {
-        Ended::A(Ok(a)) => return Ok((a, b.await?)),
-        Ended::B(Ok(b)) => return Ok((a.await?, b)),
-        Ended::A(Err(e)) => outlive(e, b, deadline).await,
-        Ended::B(Err(e)) => outlive(e, a, deadline).await,
+        Ended::A(Ok(a)) => match b.await {
+            Ok(b) => return Ok((a, b)),
+            Err(e) => e,
+        },
+        Ended::B(Ok(b)) => match a.await {
+            Ok(a) => return Ok((a, b)),
+            Err(e) => e,
+        },
+        Ended::A(Err(e)) => outlive(e, b).await,
+        Ended::B(Err(e)) => outlive(e, a).await,
     };
-    for end in ends {
-        reset_once_delivered(end, deadline).await;
-    }
+    let [x, y] = ends;
+    tokio::join!(reset_once_delivered(x), reset_once_delivered(y));
     Err(failed)
 }
 
@@ -171,37 +186,46 @@ enum Ended<A, B> {
 }
 
 /// After one direction failed with `first`: a failed write leaves `other`
-/// until `deadline` to deliver the peer's last bytes (it ends with the
-/// peer's reset); anything else ends it at once.
-async fn outlive<T>(
-    first: io::Error,
-    other: impl Future<Output = io::Result<T>>,
-    deadline: tokio::time::Instant,
-) -> io::Error {
+/// up to [`AFTER_WRITE_FAILURE`] to deliver the peer's last bytes (it ends
+/// with the peer's reset); anything else ends it at once.
+async fn outlive<T>(first: io::Error, other: impl Future<Output = io::Result<T>>) -> io::Error {
     if is_write_failure(&first) {
-        let _ = tokio::time::timeout_at(deadline, other).await;
+        let _ = tokio::time::timeout(AFTER_WRITE_FAILURE, other).await;
     }
     first
 }
 
 /// Makes `stream` end with a reset when it is closed, once its peer has
-/// acknowledged what was written to it (or at `deadline`): the bytes a
-/// service sent before it aborted still arrive ahead of the reset, as they
-/// would with nothing between.
-async fn reset_once_delivered(stream: &TcpStream, deadline: tokio::time::Instant) {
+/// acknowledged what was written to it (within the limits of
+/// [`DELIVERY_STALLED`]): the bytes a service sent before it aborted still
+/// arrive ahead of the reset, as they would with nothing between.
+async fn reset_once_delivered(stream: &TcpStream) {
+    let started = tokio::time::Instant::now();
+    // The least seen unacknowledged (nothing is written any more, so it
+    // only goes down), and when.
+    let mut progress = (usize::MAX, started);
+    let mut poll = DELIVERY_POLL_FIRST;
     // A connection already reset or closed acknowledges nothing more.
-    while stream.peer_addr().is_ok()
-        && crate::sockopt::unacknowledged(stream).is_ok_and(|n| n > 0)
-        && tokio::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(DELIVERY_POLL).await;
+    while stream.peer_addr().is_ok() {
+        let Ok(left) = crate::sockopt::unacknowledged(stream) else {
+            break;
+        };
+        let now = tokio::time::Instant::now();
+        if left < progress.0 {
+            progress = (left, now);
+        }
+        if left == 0 || now - progress.1 >= DELIVERY_STALLED || now - started >= DELIVERY_AT_MOST {
+            break;
+        }
+        tokio::time::sleep(poll).await;
+        poll = (poll * 2).min(DELIVERY_POLL_MAX);
     }
     reset_on_close(stream);
 }
 
 /// Makes closing `stream` send a reset (`SO_LINGER` 0) instead of a clean
 /// end of stream: for a connection that ended abnormally, so that its peer
-/// can tell. Unsent bytes are dropped.
+/// can tell. Whatever the peer has not acknowledged is dropped.
 pub fn reset_on_close(stream: &TcpStream) {
     if let Err(e) = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO)) {
         tracing::debug!(error = %e, "cannot make a connection's close a reset");
@@ -1196,7 +1220,8 @@ mod tests {
 
     /// The same, with a client that reads nothing (stuck writing its
     /// upload) and more answer than the sockets between hold: the relay gives
-    /// up on delivering it rather than wait for the client forever.
+    /// up on delivering it rather than wait for the client forever (its
+    /// grace for the other direction, then as long as delivery may stall).
     #[tokio::test]
     async fn an_answer_no_one_reads_does_not_hold_the_relay() {
         let (mut client, near) = pair().await;
@@ -1224,7 +1249,8 @@ mod tests {
         server.set_zero_linger().unwrap();
         drop(server);
         let started = tokio::time::Instant::now();
-        let result = tokio::time::timeout(AFTER_WRITE_FAILURE * 2, relay_tcp(&near, &far))
+        let limit = AFTER_WRITE_FAILURE + DELIVERY_STALLED + Duration::from_secs(5);
+        let result = tokio::time::timeout(limit, relay_tcp(&near, &far))
             .await
             .expect("the relay gives up within its grace");
         assert!(
@@ -1325,9 +1351,13 @@ mod tests {
         server.write_all(&answer).await.unwrap();
         // All of it with the relay's socket before the abort, which would
         // drop what the server has not sent.
-        while crate::sockopt::unacknowledged(&server).unwrap() > 0 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while crate::sockopt::unacknowledged(&server).unwrap() > 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("the relay's socket took the whole answer");
         server.set_zero_linger().unwrap();
         drop(server);
         let relay = tokio::spawn(async move { relay_tcp(&near, &far).await });
@@ -1342,6 +1372,144 @@ mod tests {
         );
         assert_reset(&end, "the client sees the abort");
         assert!(relay.await.unwrap().is_err());
+    }
+
+    /// A client that reads slowly but steadily, for longer than delivery
+    /// may stall: it still gets the whole answer before the reset.
+    #[tokio::test]
+    async fn a_reader_slower_than_the_stall_limit_gets_everything() {
+        let (mut client, near) = pair_with_link_segments().await;
+        let (far, mut server) = pair().await;
+        socket2::SockRef::from(&client)
+            .set_recv_buffer_size(4096)
+            .unwrap();
+        socket2::SockRef::from(&near)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        let answer: Vec<u8> = (0..48 * 1024u32).map(|i| (i % 253) as u8).collect();
+        server.write_all(&answer).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while crate::sockopt::unacknowledged(&server).unwrap() > 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("the relay's socket took the whole answer");
+        server.set_zero_linger().unwrap();
+        drop(server);
+        let relay = tokio::spawn(async move { relay_tcp(&near, &far).await });
+        let started = tokio::time::Instant::now();
+        let mut got = Vec::new();
+        let end = loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut buf = [0u8; 2048];
+            match client.read(&mut buf).await {
+                Ok(0) => break Ok(()),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => break Err(e),
+            }
+        };
+        assert!(
+            started.elapsed() > DELIVERY_STALLED,
+            "the client read faster than the test means"
+        );
+        assert!(
+            got == answer,
+            "{} of {} bytes arrived",
+            got.len(),
+            answer.len()
+        );
+        assert_reset(&end, "the client sees the abort");
+        assert!(relay.await.unwrap().is_err());
+    }
+
+    /// A connection with the segments of a real link (MSS 1400, not
+    /// loopback's 64 KiB): a reader that frees a little of a small buffer
+    /// then opens the window at once, instead of leaving the sender to
+    /// probe a closed one at ever longer intervals.
+    async fn pair_with_link_segments() -> (TcpStream, TcpStream) {
+        let link = |s: &tokio::net::TcpSocket| socket2::SockRef::from(s).set_tcp_mss(1400).unwrap();
+        let l = tokio::net::TcpSocket::new_v4().unwrap();
+        link(&l);
+        l.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let l = l.listen(1).unwrap();
+        let c = tokio::net::TcpSocket::new_v4().unwrap();
+        link(&c);
+        let c = c.connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (c, s)
+    }
+
+    /// Relays `near` (the client's end) to `far` (the server's end) as the
+    /// agents do, each relay dropping its connections when it ends: `Raw`,
+    /// one relay; `Framed`, an edge and a home relay over a framed flow.
+    /// Whether every relay ended well.
+    async fn relayed(framed: bool, near: TcpStream, far: TcpStream) -> bool {
+        if !framed {
+            return relay_tcp(&near, &far).await.is_ok();
+        }
+        let (t_edge, t_home) = pair().await;
+        let edge = async move {
+            let r = relay_framed(&near, &t_edge, Vec::new(), FlowSide::Edge).await;
+            drop((near, t_edge));
+            r
+        };
+        let home = async move {
+            let r = relay_framed(&far, &t_home, Vec::new(), FlowSide::Home).await;
+            drop((far, t_home));
+            r
+        };
+        let (edge, home) = tokio::join!(edge, home);
+        edge.is_ok() && home.is_ok()
+    }
+
+    /// A request, the client's half-close, an answer, the server's abort:
+    /// the direction that ended well does not keep the other's abort from
+    /// reaching the client, after the answer.
+    #[tokio::test]
+    async fn an_abort_after_a_half_close_is_passed_on() {
+        for framed in [false, true] {
+            let ((mut client, near), (far, mut server)) = pairs().await;
+            let relay = tokio::spawn(relayed(framed, near, far));
+            client.write_all(b"a request").await.unwrap();
+            client.shutdown().await.unwrap();
+            let (request, end) = read_to_the_end(&mut server).await;
+            assert_eq!(request, b"a request");
+            end.expect("the half-close arrives as one");
+            server.write_all(b"an answer, cut").await.unwrap();
+            server.set_zero_linger().unwrap();
+            drop(server);
+            let (got, end) = read_to_the_end(&mut client).await;
+            assert_eq!(got, b"an answer, cut", "framed: {framed}");
+            assert_reset(
+                &end,
+                &format!("framed: {framed}: the client sees the abort"),
+            );
+            assert!(!relay.await.unwrap(), "framed: {framed}: the relay failed");
+        }
+    }
+
+    /// The other order: the server has said all and half-closed, then the
+    /// client aborts; the server sees the reset.
+    #[tokio::test]
+    async fn a_client_s_abort_after_the_server_s_half_close_reaches_it() {
+        for framed in [false, true] {
+            let ((mut client, near), (far, mut server)) = pairs().await;
+            let relay = tokio::spawn(relayed(framed, near, far));
+            server.write_all(b"all I had").await.unwrap();
+            server.shutdown().await.unwrap();
+            let (got, end) = read_to_the_end(&mut client).await;
+            assert_eq!(got, b"all I had");
+            end.expect("the half-close arrives as one");
+            client.set_zero_linger().unwrap();
+            drop(client);
+            let (_, end) = read_to_the_end(&mut server).await;
+            assert_reset(
+                &end,
+                &format!("framed: {framed}: the server sees the abort"),
+            );
+            assert!(!relay.await.unwrap(), "framed: {framed}: the relay failed");
+        }
     }
 
     /// The other way: a client's abort reaches the server as one, after the
