@@ -111,13 +111,18 @@ pub async fn run(
         quinn::Endpoint::client(bind).context("opening the control channel's UDP socket")?;
     endpoint.set_default_client_config(tls);
 
+    // The data plane's tasks hang off `running`: they stop when `run`
+    // returns, for whatever reason (not only at `shutdown`: an error, or
+    // the port map's sender dropped).
+    let running = shutdown.child_token();
+    let _stop_plane = running.clone().drop_guard();
     let mut plane: Option<DataPlane> = None;
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     let result = loop {
         let started = Instant::now();
         let outcome = tokio::select! {
             () = shutdown.cancelled() => break Ok(()),
-            r = session(&opts, &endpoint, key, &mut plane, &mut map, &status, &shutdown) => r,
+            r = session(&opts, &endpoint, key, &mut plane, &mut map, &status, &running) => r,
         };
         status.send_modify(|s| s.connected = false);
         match outcome {

@@ -487,6 +487,75 @@ mod tests {
         let _ = std::fs::remove_dir_all(&state_dir);
     }
 
+    /// `run` also returns when the port map's sender goes away (an embedder
+    /// done with it), not only at its shutdown token: its data plane must
+    /// stop with it, not keep the TUN device and the flow listener.
+    #[test]
+    fn a_home_run_that_returns_leaves_no_data_plane_running() {
+        crate::require_root();
+        crate::init_tracing();
+        let topo = Topology::new();
+        let state_dir = std::env::temp_dir().join(unique("skerry-returned"));
+        let pki = HomePki::load_or_create(&state_dir).expect("creating the test PKI");
+        let key =
+            WireguardKey::load_or_create(&state_dir.join("wireguard.key")).expect("WireGuard key");
+        let edge_stop = CancellationToken::new();
+        let edge = start_edge(
+            &topo,
+            edge_agent::EdgeOptions::new(Bootstrap::from_pki(
+                &pki,
+                DEFAULT_CONTROL_PORT,
+                DEFAULT_WIREGUARD_PORT,
+                TunnelAddrs::DEFAULT,
+            )),
+            edge_stop.clone(),
+        );
+        let (map_tx, map_rx) = watch::channel(port_map(1, &["tcp/9000=127.0.0.1:8000"]));
+        let (status_tx, status) = watch::channel(HomeStatus::default());
+        let opts = HomeOptions {
+            edge: std::net::SocketAddr::from((topo.edge_home_side_v4, DEFAULT_CONTROL_PORT)),
+            tun_name: "skerry-home".into(),
+            udp_idle: Duration::from_secs(60),
+            drain_grace: Duration::from_secs(30),
+            requested_tunnel: None,
+        };
+        let (returned_tx, returned) = std::sync::mpsc::channel();
+        // Never cancelled, and the thread's runtime lives on after `run`
+        // returns, as an embedder's would.
+        let never = CancellationToken::new();
+        let home = spawn_in(&topo.home, move || async move {
+            let r = home_agent::run(opts, &pki, &key, map_rx, status_tx, never).await;
+            let _ = returned_tx.send(r.map_err(|e| format!("{e:#}")));
+            std::future::pending::<()>().await;
+        });
+        let tun_up = || {
+            let out = topo
+                .home
+                .exec("ip", &["-o", "link", "show"])
+                .expect("ip link in the home namespace");
+            String::from_utf8_lossy(&out.stdout).contains("skerry-home")
+        };
+        crate::poll_until(SETTLE, || {
+            (status.borrow().applied.is_some() && tun_up())
+                .then_some(())
+                .ok_or_else(|| "the home-agent did not come up".to_string())
+        });
+        drop(map_tx);
+        let r = returned
+            .recv_timeout(SETTLE)
+            .expect("run did not return once the map's sender was gone");
+        assert_eq!(r, Ok(()));
+        crate::poll_until(Duration::from_secs(5), || {
+            (!tun_up())
+                .then_some(())
+                .ok_or_else(|| "the TUN device outlived run: its tasks still run".to_string())
+        });
+        drop(home);
+        edge_stop.cancel();
+        drop(edge);
+        let _ = std::fs::remove_dir_all(&state_dir);
+    }
+
     #[tokio::test]
     async fn other_failures_are_not_tried_again() {
         let mut attempts = 0;
