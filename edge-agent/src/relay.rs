@@ -176,15 +176,18 @@ pub async fn tcp_accept_loop(
             async move {
                 let result = tokio::select! {
                     r = tcp_flow(&stream, client, port.port, &ctx) => r,
+                    // The port was removed and its drain grace is over.
+                    // (When the edge stops, its runtime goes with these
+                    // tasks, and the kernel closes their connections.)
                     () = port.flows.cancelled() => Err(std::io::Error::other(
-                        "cut: the port was removed (its drain grace is over) or the edge is stopping",
+                        "cut: the port was removed and its drain grace is over",
                     )),
                 };
                 port.active.fetch_sub(1, Ordering::AcqRel);
                 // No flow to home, home gave up on the connection (its
-                // target refused, reset or went away), or the connection
-                // was cut here: the client is told with a reset, as a
-                // direct connection would tell it.
+                // target refused, reset or went away), or its port is gone:
+                // the client is told with a reset, as a direct connection
+                // would tell it.
                 if result.is_err() {
                     skerry::relay::reset_on_close(&stream);
                 }

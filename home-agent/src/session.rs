@@ -152,6 +152,12 @@ pub async fn run(
         quinn::VarInt::from_u32(close_code::SHUTDOWN),
         b"home-agent stopping",
     );
+    // The data plane stops with this function (`_stop_plane`): nothing of it
+    // is shown as running.
+    status.send_modify(|s| {
+        s.tunnel_handle = None;
+        s.forwarding = None;
+    });
     result
 }
 

@@ -125,7 +125,9 @@ pub async fn relay_framed(
 
 /// How long the direction that outlives a failed write may take to deliver
 /// the peer's last bytes: a client that does not read them (it is stuck
-/// writing an upload no one reads any more) must not hold the relay.
+/// writing an upload no one reads any more) must not hold the relay. A
+/// flat limit, as those bytes are usually a short answer (the refusal of
+/// the upload).
 const AFTER_WRITE_FAILURE: Duration = Duration::from_secs(5);
 
 /// A failed relay resets a connection once its peer has acknowledged
@@ -196,9 +198,10 @@ async fn outlive<T>(first: io::Error, other: impl Future<Output = io::Result<T>>
 }
 
 /// Makes `stream` end with a reset when it is closed, once its peer has
-/// acknowledged what was written to it (within the limits of
-/// [`DELIVERY_STALLED`]): the bytes a service sent before it aborted still
-/// arrive ahead of the reset, as they would with nothing between.
+/// acknowledged what was written to it (or that has stalled for
+/// [`DELIVERY_STALLED`], or [`DELIVERY_AT_MOST`] has passed): the bytes a
+/// service sent before it aborted still arrive ahead of the reset, as they
+/// would with nothing between.
 async fn reset_once_delivered(stream: &TcpStream) {
     let started = tokio::time::Instant::now();
     // The least seen unacknowledged (nothing is written any more, so it
@@ -1264,6 +1267,15 @@ mod tests {
         );
     }
 
+    /// A spawned relay's result, once it has ended (its own limits end it
+    /// within about a minute).
+    async fn ended<T>(relay: tokio::task::JoinHandle<T>) -> T {
+        tokio::time::timeout(Duration::from_secs(90), relay)
+            .await
+            .expect("the relay did not end")
+            .unwrap()
+    }
+
     /// Reads until the end of the stream or an error: what was read, and
     /// how it ended.
     async fn read_to_the_end(stream: &mut TcpStream) -> (Vec<u8>, io::Result<()>) {
@@ -1337,20 +1349,10 @@ mod tests {
         assert_reset(&end, "the client sees the abort");
     }
 
-    /// An answer larger than what a slow client has room for: the reset
-    /// waits until the client has all of it (bounded by the relay's grace),
-    /// as it would have had all of it before the reset with nothing between.
-    #[tokio::test]
-    async fn a_slow_client_gets_the_whole_answer_before_the_reset() {
-        let (mut client, near) = pair().await;
-        let (far, mut server) = pair().await;
-        socket2::SockRef::from(&client)
-            .set_recv_buffer_size(4096)
-            .unwrap();
-        let answer: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 251) as u8).collect();
-        server.write_all(&answer).await.unwrap();
-        // All of it with the relay's socket before the abort, which would
-        // drop what the server has not sent.
+    /// The server sends `answer`, then aborts once the relay's socket has
+    /// all of it (an abort drops what the server has not sent yet).
+    async fn answer_then_abort(mut server: TcpStream, answer: &[u8]) {
+        server.write_all(answer).await.unwrap();
         tokio::time::timeout(Duration::from_secs(10), async {
             while crate::sockopt::unacknowledged(&server).unwrap() > 0 {
                 tokio::time::sleep(Duration::from_millis(1)).await;
@@ -1359,7 +1361,20 @@ mod tests {
         .await
         .expect("the relay's socket took the whole answer");
         server.set_zero_linger().unwrap();
-        drop(server);
+    }
+
+    /// An answer larger than what a slow client has room for: the reset
+    /// waits until the client has all of it, as it would have had all of it
+    /// before the reset with nothing between.
+    #[tokio::test]
+    async fn a_slow_client_gets_the_whole_answer_before_the_reset() {
+        let (mut client, near) = pair().await;
+        let (far, server) = pair().await;
+        socket2::SockRef::from(&client)
+            .set_recv_buffer_size(4096)
+            .unwrap();
+        let answer: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 251) as u8).collect();
+        answer_then_abort(server, &answer).await;
         let relay = tokio::spawn(async move { relay_tcp(&near, &far).await });
         // Most of the answer waits in the relay's socket, unacknowledged.
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1371,7 +1386,7 @@ mod tests {
             answer.len()
         );
         assert_reset(&end, "the client sees the abort");
-        assert!(relay.await.unwrap().is_err());
+        assert!(ended(relay).await.is_err());
     }
 
     /// A client that reads slowly but steadily, for longer than delivery
@@ -1379,31 +1394,25 @@ mod tests {
     #[tokio::test]
     async fn a_reader_slower_than_the_stall_limit_gets_everything() {
         let (mut client, near) = pair_with_link_segments().await;
-        let (far, mut server) = pair().await;
+        let (far, server) = pair().await;
         socket2::SockRef::from(&client)
             .set_recv_buffer_size(4096)
             .unwrap();
+        // Room for the whole answer in the relay's socket: the relay meets
+        // the abort at once, and the slow reading is all delivery wait.
         socket2::SockRef::from(&near)
-            .set_send_buffer_size(4096)
+            .set_send_buffer_size(256 * 1024)
             .unwrap();
         let answer: Vec<u8> = (0..48 * 1024u32).map(|i| (i % 253) as u8).collect();
-        server.write_all(&answer).await.unwrap();
-        tokio::time::timeout(Duration::from_secs(10), async {
-            while crate::sockopt::unacknowledged(&server).unwrap() > 0 {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        })
-        .await
-        .expect("the relay's socket took the whole answer");
-        server.set_zero_linger().unwrap();
-        drop(server);
+        answer_then_abort(server, &answer).await;
         let relay = tokio::spawn(async move { relay_tcp(&near, &far).await });
         let started = tokio::time::Instant::now();
         let mut got = Vec::new();
         let end = loop {
             tokio::time::sleep(Duration::from_millis(300)).await;
             let mut buf = [0u8; 2048];
-            match client.read(&mut buf).await {
+            let read = tokio::time::timeout(Duration::from_secs(10), client.read(&mut buf));
+            match read.await.expect("the relay stopped delivering") {
                 Ok(0) => break Ok(()),
                 Ok(n) => got.extend_from_slice(&buf[..n]),
                 Err(e) => break Err(e),
@@ -1420,7 +1429,7 @@ mod tests {
             answer.len()
         );
         assert_reset(&end, "the client sees the abort");
-        assert!(relay.await.unwrap().is_err());
+        assert!(ended(relay).await.is_err());
     }
 
     /// A connection with the segments of a real link (MSS 1400, not
@@ -1485,7 +1494,7 @@ mod tests {
                 &end,
                 &format!("framed: {framed}: the client sees the abort"),
             );
-            assert!(!relay.await.unwrap(), "framed: {framed}: the relay failed");
+            assert!(!ended(relay).await, "framed: {framed}: the relay failed");
         }
     }
 
@@ -1508,7 +1517,7 @@ mod tests {
                 &end,
                 &format!("framed: {framed}: the server sees the abort"),
             );
-            assert!(!relay.await.unwrap(), "framed: {framed}: the relay failed");
+            assert!(!ended(relay).await, "framed: {framed}: the relay failed");
         }
     }
 
@@ -1524,7 +1533,7 @@ mod tests {
         let (got, end) = read_to_the_end(&mut server).await;
         assert_eq!(got, b"a request");
         assert_reset(&end, "the server sees the abort");
-        assert!(relay.await.unwrap().is_err());
+        assert!(ended(relay).await.is_err());
     }
 
     /// A clean close stays one: the relay resets nothing that ended well.
@@ -1538,6 +1547,6 @@ mod tests {
         assert_eq!(got, b"the whole answer");
         assert!(end.is_ok(), "a clean end of stream: {end:?}");
         drop(client);
-        relay.await.unwrap().expect("a clean relay");
+        ended(relay).await.expect("a clean relay");
     }
 }
