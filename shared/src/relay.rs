@@ -798,12 +798,8 @@ mod tests {
         let (t_edge, t_home) = pair().await;
         let (mut client, edge_plain) = pair().await;
         let (home_plain, mut server) = pair().await;
-        socket2::SockRef::from(&server)
-            .set_recv_buffer_size(4096)
-            .unwrap();
-        socket2::SockRef::from(&home_plain)
-            .set_send_buffer_size(4096)
-            .unwrap();
+        recv_buffer(&server, 4096);
+        send_buffer(&home_plain, 4096);
         let messages: Vec<Vec<u8>> = (0..60u32)
             .map(|i| (0..3000u32).map(|j| ((i * 7 + j) % 253) as u8).collect())
             .collect();
@@ -848,12 +844,8 @@ mod tests {
         let (t_edge, t_home) = pair().await;
         let (mut client, edge_plain) = pair().await;
         let (home_plain, mut server) = pair().await;
-        socket2::SockRef::from(&server)
-            .set_recv_buffer_size(64 * 1024)
-            .unwrap();
-        socket2::SockRef::from(&home_plain)
-            .set_send_buffer_size(64 * 1024)
-            .unwrap();
+        recv_buffer(&server, 64 * 1024);
+        send_buffer(&home_plain, 64 * 1024);
         const SLACK: usize = 1024 * 1024;
         let up: Vec<u8> = (0..4_000_000u32).map(|i| (i % 249) as u8).collect();
         let taken = AtomicUsize::new(0);
@@ -1086,12 +1078,8 @@ mod tests {
     async fn small_messages_to_a_stalled_reader_arrive_whole() {
         let ((mut client, a), (b, mut server)) = pairs().await;
         // Small buffers at the far end fill after a few messages.
-        socket2::SockRef::from(&server)
-            .set_recv_buffer_size(4096)
-            .unwrap();
-        socket2::SockRef::from(&b)
-            .set_send_buffer_size(4096)
-            .unwrap();
+        recv_buffer(&server, 4096);
+        send_buffer(&b, 4096);
         let relay = tokio::spawn(async move { relay_tcp(&a, &b).await });
         // 3000-byte messages: each read is short, so the relay copies.
         let messages: Vec<Vec<u8>> = (0..60u32)
@@ -1168,15 +1156,17 @@ mod tests {
         (client, near, far)
     }
 
-    async fn read_all_until_reset(client: &mut TcpStream) -> Vec<u8> {
-        let mut got = Vec::new();
-        let mut buf = [0u8; 64];
-        loop {
-            match client.read(&mut buf).await {
-                Ok(0) | Err(_) => return got,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-            }
-        }
+    /// Asks for a socket buffer of about `bytes` (the kernel doubles it).
+    fn recv_buffer(s: &TcpStream, bytes: usize) {
+        socket2::SockRef::from(s)
+            .set_recv_buffer_size(bytes)
+            .unwrap();
+    }
+
+    fn send_buffer(s: &TcpStream, bytes: usize) {
+        socket2::SockRef::from(s)
+            .set_send_buffer_size(bytes)
+            .unwrap();
     }
 
     #[tokio::test]
@@ -1187,7 +1177,7 @@ mod tests {
             .expect("the relay ends");
         assert!(result.is_err(), "the reset is an error: {result:?}");
         drop(near);
-        assert_eq!(read_all_until_reset(&mut client).await, b"refused");
+        assert_eq!(read_to_the_end(&mut client).await.0, b"refused");
     }
 
     #[tokio::test]
@@ -1208,7 +1198,7 @@ mod tests {
         // The client reads until the end, then closes, which ends the edge's
         // relay if home's end-of-stream frame came first.
         let client_side = async {
-            let got = read_all_until_reset(&mut client).await;
+            let got = read_to_the_end(&mut client).await.0;
             drop(client);
             got
         };
@@ -1229,12 +1219,8 @@ mod tests {
     async fn an_answer_no_one_reads_does_not_hold_the_relay() {
         let (mut client, near) = pair().await;
         let (far, server) = pair().await;
-        socket2::SockRef::from(&client)
-            .set_recv_buffer_size(4096)
-            .unwrap();
-        socket2::SockRef::from(&near)
-            .set_send_buffer_size(4096)
-            .unwrap();
+        recv_buffer(&client, 4096);
+        send_buffer(&near, 4096);
         client.write_all(b"an upload").await.unwrap();
         // As much answer as the server's socket takes, then the reset.
         let answer = vec![7u8; 64 * 1024];
@@ -1370,9 +1356,7 @@ mod tests {
     async fn a_slow_client_gets_the_whole_answer_before_the_reset() {
         let (mut client, near) = pair().await;
         let (far, server) = pair().await;
-        socket2::SockRef::from(&client)
-            .set_recv_buffer_size(4096)
-            .unwrap();
+        recv_buffer(&client, 4096);
         let answer: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 251) as u8).collect();
         answer_then_abort(server, &answer).await;
         let relay = tokio::spawn(async move { relay_tcp(&near, &far).await });
@@ -1395,14 +1379,10 @@ mod tests {
     async fn a_reader_slower_than_the_stall_limit_gets_everything() {
         let (mut client, near) = pair_with_link_segments().await;
         let (far, server) = pair().await;
-        socket2::SockRef::from(&client)
-            .set_recv_buffer_size(4096)
-            .unwrap();
+        recv_buffer(&client, 4096);
         // Room for the whole answer in the relay's socket: the relay meets
         // the abort at once, and the slow reading is all delivery wait.
-        socket2::SockRef::from(&near)
-            .set_send_buffer_size(256 * 1024)
-            .unwrap();
+        send_buffer(&near, 256 * 1024);
         let answer: Vec<u8> = (0..48 * 1024u32).map(|i| (i % 253) as u8).collect();
         answer_then_abort(server, &answer).await;
         let relay = tokio::spawn(async move { relay_tcp(&near, &far).await });
