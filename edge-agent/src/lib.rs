@@ -45,6 +45,10 @@ pub use ports::Reserved;
 /// Default name of the edge's TUN device.
 pub const DEFAULT_TUN_NAME: &str = "skerry0";
 
+/// How long a stopping edge gives its TCP flows to reset their clients:
+/// each needs only to be polled once.
+const CUT_FLOWS_AT_MOST: Duration = Duration::from_secs(2);
+
 /// Everything the edge-agent runs from.
 #[derive(Debug, Clone)]
 pub struct EdgeOptions {
@@ -151,7 +155,7 @@ pub async fn run(opts: EdgeOptions, shutdown: CancellationToken) -> anyhow::Resu
     let pool = ctx.pool.clone();
     tokio::spawn(pool.clone().run(tasks.child_token()));
     let ports = Arc::new(Mutex::new(ports::PortTable::new(reserved, ctx.clone())));
-    tokio::spawn(relay::udp_reply_loop(ctx, tasks.child_token()));
+    tokio::spawn(relay::udp_reply_loop(ctx.clone(), tasks.child_token()));
 
     let public_addrs = addresses::public_addrs(&opts.tun_name)
         .await
@@ -184,6 +188,7 @@ pub async fn run(opts: EdgeOptions, shutdown: CancellationToken) -> anyhow::Resu
     ));
     control::serve(endpoint, state, shutdown.clone()).await;
     ports.lock().await.close_all();
+    ctx.cut_all_flows(CUT_FLOWS_AT_MOST).await;
     info!("edge-agent stopped");
     Ok(())
 }

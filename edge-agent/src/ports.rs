@@ -243,7 +243,7 @@ impl PortTable {
             port,
             policy: RwLock::new(policy),
             active: AtomicUsize::new(0),
-            flows: CancellationToken::new(),
+            flows: self.ctx.stopping.child_token(),
         });
         let stop = CancellationToken::new();
         match protocol {

@@ -25,6 +25,7 @@ use skerry::udp_batch::{self, GSO_MAX_BYTES, RecvBatch};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, debug_span, trace, warn};
 
 use crate::flow_pool::{Flow, FlowPool};
@@ -56,6 +57,14 @@ pub struct RelayContext {
     /// Failed accepts on any public port: running out of descriptors under
     /// a flood is the whole edge's news, and worth a few lines a minute.
     accept_failures: Mutex<LogBudget>,
+    /// Cancelled when the edge stops: every port's flows are cut, removed
+    /// ports' draining ones too (each port's token is a child of this one).
+    pub(crate) stopping: CancellationToken,
+    /// TCP flows that still hold their client's connection: a stopping edge
+    /// waits for them to have reset it, or its runtime would drop them and
+    /// the kernel would close the connections with a FIN, passing a cut-off
+    /// answer off as whole.
+    clients_held: TaskTracker,
 }
 
 impl RelayContext {
@@ -78,7 +87,25 @@ impl RelayContext {
                 Duration::from_secs(60),
                 ACCEPT_FAILURES_LOGGED_PER_MINUTE,
             )),
+            stopping: CancellationToken::new(),
+            clients_held: TaskTracker::new(),
         })
+    }
+
+    /// Cuts every TCP flow (each resets its client) and returns once all
+    /// have let go of their client connections, or after `at_most`.
+    pub async fn cut_all_flows(&self, at_most: Duration) {
+        self.stopping.cancel();
+        self.clients_held.close();
+        if tokio::time::timeout(at_most, self.clients_held.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                left = self.clients_held.len(),
+                "some public connections were not reset in time; they close with the edge-agent"
+            );
+        }
     }
 
     fn flows(&self) -> std::sync::MutexGuard<'_, FlowTable> {
@@ -172,26 +199,29 @@ pub async fn tcp_accept_loop(
         let span = debug_span!("flow", port = port.port, %client);
         let port = port.clone();
         let ctx = ctx.clone();
+        let holds_client = ctx.clients_held.token();
         tokio::spawn(
             async move {
                 let result = tokio::select! {
                     r = tcp_flow(&stream, client, port.port, &ctx) => r,
-                    // The port was removed and its drain grace is over.
-                    // (When the edge stops, its runtime goes with these
-                    // tasks, and the kernel closes their connections.)
                     () = port.flows.cancelled() => Err(std::io::Error::other(
-                        "cut: the port was removed and its drain grace is over",
+                        if ctx.stopping.is_cancelled() {
+                            "cut: the edge-agent is stopping"
+                        } else {
+                            "cut: the port was removed and its drain grace is over"
+                        },
                     )),
                 };
                 port.active.fetch_sub(1, Ordering::AcqRel);
                 // No flow to home, home gave up on the connection (its
-                // target refused, reset or went away), or its port is gone:
-                // the client is told with a reset, as a direct connection
-                // would tell it.
+                // target refused, reset or went away), its port is gone or
+                // the edge is stopping: the client is told with a reset, as
+                // a direct connection would tell it.
                 if result.is_err() {
                     skerry::relay::reset_on_close(&stream);
                 }
                 drop(stream);
+                drop(holds_client);
                 match result {
                     Ok(Some(ended)) => ended.reuse(&ctx.pool).await,
                     Ok(None) => {}

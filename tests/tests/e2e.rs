@@ -673,3 +673,59 @@ fn resets_cross_the_tunnel() {
         "the client's abort reached the target as a clean end"
     );
 }
+
+/// An edge-agent that stops resets the connections it relays, a removed
+/// port's draining ones too: a cut-off answer must not look whole to the
+/// client, as it would after a plain close.
+#[test]
+fn an_edge_that_stops_resets_its_connections() {
+    skerry_tests::init_tracing();
+    let pair = Pair::start(&[
+        &format!("tcp/9000={TCP_TARGET}"),
+        &format!("tcp/9001={TCP_TARGET}"),
+    ]);
+    let listener = skerry_tests::tcp_listener_in(&pair.topo.home, TCP_TARGET.parse().unwrap());
+    let _svc = spawn_in(&pair.topo.home, move || async move {
+        let listener = TcpListener::from_std(listener).expect("listener");
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                // Part of an answer; the rest never comes, the connection stays open.
+                let _ = s.write_all(b"part of an answer").await;
+                let _ = read_to_the_end(&mut s).await;
+            });
+        }
+    });
+    pair.wait_for_pooled_flows();
+    let public = |port| SocketAddr::from((pair.topo.edge_public_v4, port));
+    let (mapped, removed) = (public(9000), public(9001));
+    let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        let client = scope.spawn(|| {
+            run_in(&pair.topo.client, move || async move {
+                let mut a = TcpStream::connect(mapped).await.expect("connect");
+                let mut b = TcpStream::connect(removed).await.expect("connect");
+                let mut part = [0u8; 17];
+                a.read_exact(&mut part).await.expect("part of the answer");
+                b.read_exact(&mut part).await.expect("part of the answer");
+                opened_tx.send(()).expect("the test waits for this");
+                (read_to_the_end(&mut a).await, read_to_the_end(&mut b).await)
+            })
+        });
+        opened_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the client's connections never got their first part");
+        // Removed, so its connection drains (30 s grace) when the edge stops.
+        assert!(pair.remove(&["tcp/9001"]).all_ok());
+        pair.edge_stop.cancel();
+        let ((a_got, a_end), (b_got, b_end)) = client.join().expect("the client panicked");
+        assert!(a_got.is_empty() && b_got.is_empty());
+        assert!(
+            is_reset(&a_end),
+            "a mapped port's connection ended with {a_end:?}"
+        );
+        assert!(
+            is_reset(&b_end),
+            "a draining port's connection ended with {b_end:?}"
+        );
+    });
+}
