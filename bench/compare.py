@@ -42,7 +42,7 @@ class Config:
         self.tcp_secs = a.duration or (3 if a.quick else 8)
         self.udp_secs = 2 if a.quick else 3
         self.udp_probes = 6 if a.quick else 9
-        self.rtt_count = 2000
+        self.rtt_count = a.rtt_count or 2000
         self.conn_count = 2000 if a.quick else 5000
         self.conn_concurrency = 8
         self.perf = [x for x in (a.perf or "").split(",") if x]
@@ -404,6 +404,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, help="runs per setup (default 3; 1 with --quick)")
     ap.add_argument("--quick", action="store_true", help="one short run: a smoke test")
     ap.add_argument("--duration", type=int, help="seconds per TCP test (default 8; 3 with --quick)")
+    ap.add_argument("--rtt-count", type=int, help="round trips in the latency figure (default 2000; more "
+                    "for a steadier A/B of latency)")
     ap.add_argument("--setups", default=",".join(S.ALL), help=f"comma-separated, from: {','.join(S.ALL)}")
     ap.add_argument("--figures", default="tcp,udp,rtt,conn", help="comma-separated figures to measure, from: "
                     "tcp,udp,rtt,conn (default all; a subset is for quick A/B runs while developing)")
