@@ -35,6 +35,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use skerry::dead_peer::DeadPeer;
 use skerry::flow::POOLED_FLOW_MAX_IDLE;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -229,18 +230,25 @@ impl<T> PoolState<T> {
 #[derive(Debug)]
 pub struct FlowPool {
     home: SocketAddr,
+    dead_peer: DeadPeer,
     state: Mutex<PoolState<TcpStream>>,
     changed: Notify,
 }
 
 impl FlowPool {
-    pub fn new(home: SocketAddr) -> Self {
-        Self::with_size(home, POOL_SIZE, POOLED_FLOW_MAX_IDLE)
+    pub fn new(home: SocketAddr, dead_peer: DeadPeer) -> Self {
+        Self::with_size(home, dead_peer, POOL_SIZE, POOLED_FLOW_MAX_IDLE)
     }
 
-    pub fn with_size(home: SocketAddr, size: usize, max_idle: Duration) -> Self {
+    pub fn with_size(
+        home: SocketAddr,
+        dead_peer: DeadPeer,
+        size: usize,
+        max_idle: Duration,
+    ) -> Self {
         FlowPool {
             home,
+            dead_peer,
             state: Mutex::new(PoolState::new(size, max_idle)),
             changed: Notify::new(),
         }
@@ -286,7 +294,7 @@ impl FlowPool {
             debug!("a pooled flow was closed by home; opening another");
         }
         let (session, framed) = self.state().current();
-        let stream = tokio::time::timeout(OPEN_TIMEOUT, open_flow(self.home))
+        let stream = tokio::time::timeout(OPEN_TIMEOUT, open_flow(self.home, self.dead_peer))
             .await
             .map_err(|_| {
                 std::io::Error::new(
@@ -357,7 +365,7 @@ impl FlowPool {
     }
 
     async fn open_one(self: Arc<Self>, session: u64) {
-        let result = tokio::time::timeout(OPEN_TIMEOUT, open_flow(self.home)).await;
+        let result = tokio::time::timeout(OPEN_TIMEOUT, open_flow(self.home, self.dead_peer)).await;
         let now = Instant::now();
         match result {
             Ok(Ok(flow)) => {
@@ -389,8 +397,12 @@ pub struct Flow {
 }
 
 /// Opens a flow to home's flow port through the tunnel.
-async fn open_flow(home: SocketAddr) -> std::io::Result<TcpStream> {
+async fn open_flow(home: SocketAddr, dead_peer: DeadPeer) -> std::io::Result<TcpStream> {
     let socket = tokio::net::TcpSocket::new_v4()?;
+    // A home that is gone for good (its machine, or its link, for longer
+    // than the probing) gives its flows up, pooled or carrying a
+    // connection; a restarted one answers the first probe with a reset.
+    dead_peer.watch(&socket)?;
     // The handshake's last ACK rides on the flow header when that follows
     // within 200 ms (a pooled flow acknowledges on its own after that).
     skerry::sockopt::defer_accept(&socket, 1)?;
@@ -632,7 +644,12 @@ mod tests {
     async fn the_pool_hands_out_open_flows_and_closes_old_ones() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let home = listener.local_addr().unwrap();
-        let pool = Arc::new(FlowPool::with_size(home, 2, Duration::from_secs(60)));
+        let pool = Arc::new(FlowPool::with_size(
+            home,
+            DeadPeer::default(),
+            2,
+            Duration::from_secs(60),
+        ));
         let stop = CancellationToken::new();
         tokio::spawn(pool.clone().run(stop.clone()));
         pool.start_session(false);

@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use skerry::bootstrap::Bootstrap;
+use skerry::dead_peer::DeadPeer;
 use skerry::flow::{TCP_FLOW_PORT, UDP_FLOW_PORT};
 use skerry::protocol::EdgeInfo;
 use skerry::tunnel::device::{self, DEFAULT_MTU};
@@ -55,6 +56,8 @@ pub struct EdgeOptions {
     pub bootstrap: Bootstrap,
     pub tun_name: String,
     pub udp_idle: Duration,
+    /// When a silent client or in-tunnel flow is given up.
+    pub dead_peer: DeadPeer,
     /// Told once the control endpoint is bound (the local edge waits on it).
     pub ready: Option<std::sync::mpsc::SyncSender<()>>,
 }
@@ -65,6 +68,7 @@ impl EdgeOptions {
             bootstrap,
             tun_name: DEFAULT_TUN_NAME.to_owned(),
             udp_idle: Duration::from_secs(60),
+            dead_peer: DeadPeer::default(),
             ready: None,
         }
     }
@@ -145,6 +149,7 @@ pub async fn run(opts: EdgeOptions, shutdown: CancellationToken) -> anyhow::Resu
             SocketAddr::from((tunnel.home(), UDP_FLOW_PORT)),
             Arc::new(flow_socket),
             opts.udp_idle,
+            opts.dead_peer,
         )
         .context("setting up the tunnel's UDP flow socket")?,
     );

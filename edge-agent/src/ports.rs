@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use skerry::dead_peer::DeadPeer;
 use skerry::portmap::{PortKey, PortPolicy, Protocol, PublicPort};
 use skerry::protocol::{ApplyPorts, EntryResult, EntryStatus};
 use socket2::{Domain, Socket, Type};
@@ -248,7 +249,8 @@ impl PortTable {
         let stop = CancellationToken::new();
         match protocol {
             Protocol::Tcp => {
-                let listener = bind_public_tcp(port).map_err(|e| bind_status(port, &e))?;
+                let listener = bind_public_tcp(port, &self.ctx.dead_peer)
+                    .map_err(|e| bind_status(port, &e))?;
                 tokio::spawn(relay::tcp_accept_loop(
                     listener,
                     shared.clone(),
@@ -307,7 +309,7 @@ fn bind_status(port: u16, e: &std::io::Error) -> EntryStatus {
 
 /// A listening socket on every address of the edge, IPv6 and IPv4 (one
 /// dual-stack socket; IPv4 alone where IPv6 is disabled).
-pub fn bind_public_tcp(port: u16) -> std::io::Result<TcpListener> {
+pub fn bind_public_tcp(port: u16, dead_peer: &DeadPeer) -> std::io::Result<TcpListener> {
     let socket = match dual_stack(Type::STREAM, port) {
         Ok(s) => s,
         Err(e) if v6_unavailable(&e) => {
@@ -321,6 +323,8 @@ pub fn bind_public_tcp(port: u16) -> std::io::Result<TcpListener> {
     // Accepted connections inherit it: one system call per port, not per
     // connection. Requests and answers leave at once, not after an ACK.
     socket.set_tcp_nodelay(true)?;
+    // A client that vanishes without a word (see `skerry::dead_peer`).
+    dead_peer.watch(&socket)?;
     socket.listen(LISTEN_BACKLOG)?;
     socket.set_nonblocking(true)?;
     TcpListener::from_std(socket.into())
@@ -369,7 +373,7 @@ mod tests {
     /// on the listener's being inherited.
     #[tokio::test]
     async fn public_connections_inherit_nodelay() {
-        let listener = bind_public_tcp(0).unwrap();
+        let listener = bind_public_tcp(0, &DeadPeer::default()).unwrap();
         let port = listener.local_addr().unwrap().port();
         let _client = tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use quinn_udp::UdpSocketState;
+use skerry::dead_peer::DeadPeer;
 use skerry::flow::{
     DatagramHeader, END_OF_STREAM, FlowHeader, MAX_DATAGRAM_HEADER_LEN, MAX_EARLY_DATA,
     frame_header,
@@ -51,6 +52,9 @@ pub struct RelayContext {
     /// in one GSO send.
     tunnel_udp_state: UdpSocketState,
     pub udp_idle: Duration,
+    /// Set on every public listener (its connections inherit it) and on
+    /// every in-tunnel flow.
+    pub dead_peer: DeadPeer,
     udp_flows: Mutex<FlowTable>,
     /// Public UDP sockets by port, and whether each is an IPv6 (dual-stack) socket.
     udp_sockets: RwLock<HashMap<u16, (Arc<UdpSocket>, bool)>>,
@@ -73,14 +77,16 @@ impl RelayContext {
         home_udp: SocketAddr,
         tunnel_udp: Arc<UdpSocket>,
         udp_idle: Duration,
+        dead_peer: DeadPeer,
     ) -> std::io::Result<Self> {
         let tunnel_udp_state = udp_batch::socket_state(&tunnel_udp)?;
         Ok(RelayContext {
-            pool: Arc::new(FlowPool::new(home_tcp)),
+            pool: Arc::new(FlowPool::new(home_tcp, dead_peer)),
             home_udp,
             tunnel_udp,
             tunnel_udp_state,
             udp_idle,
+            dead_peer,
             udp_flows: Mutex::new(FlowTable::new()),
             udp_sockets: RwLock::new(HashMap::new()),
             accept_failures: Mutex::new(LogBudget::new(

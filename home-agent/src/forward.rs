@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use skerry::dead_peer::DeadPeer;
 use skerry::flow::{
     DatagramHeader, FLOW_HEADER_WAIT, FlowHeader, MAX_DATAGRAM_HEADER_LEN, MAX_EARLY_DATA,
     MAX_FLOW_HEADER_LEN,
@@ -34,16 +35,24 @@ pub struct Forwarding {
     pub edge_tunnel: Ipv4Addr,
     public_addrs: RwLock<Vec<IpAddr>>,
     pub udp_idle: Duration,
+    /// Set on every target connection.
+    pub dead_peer: DeadPeer,
     open_flows: Mutex<HashMap<(Protocol, u16), usize>>,
 }
 
 impl Forwarding {
-    pub fn new(map: PortMap, edge_tunnel: Ipv4Addr, udp_idle: Duration) -> Self {
+    pub fn new(
+        map: PortMap,
+        edge_tunnel: Ipv4Addr,
+        udp_idle: Duration,
+        dead_peer: DeadPeer,
+    ) -> Self {
         Forwarding {
             map: RwLock::new(Arc::new(map)),
             edge_tunnel,
             public_addrs: RwLock::new(Vec::new()),
             udp_idle,
+            dead_peer,
             open_flows: Mutex::new(HashMap::new()),
         }
     }
@@ -230,6 +239,9 @@ async fn tcp_connection(
         .map_err(|_| anyhow::anyhow!("target {target} did not answer"))?
         .map_err(|e| anyhow::anyhow!("target {target}: {e}"))?;
     out.set_nodelay(true)?;
+    // A target that is gone for good (a LAN host switched off): its own
+    // clients would notice with keepalive, but theirs ends at the edge.
+    fwd.dead_peer.watch(&out)?;
     if let Some(v) = proxy {
         let dest = fwd.public_dest(header.client, header.public_port);
         out.write_all(&proxy_protocol::header(
@@ -477,6 +489,7 @@ mod tests {
             map,
             Ipv4Addr::LOCALHOST,
             Duration::from_secs(30),
+            DeadPeer::default(),
         ));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let edge = TcpStream::connect(listener.local_addr().unwrap())

@@ -342,6 +342,7 @@ fn connect(
         tun_name: home_agent::tun_name(&name),
         udp_idle: tuning.udp_idle,
         drain_grace: tuning.drain_grace,
+        dead_peer: skerry::dead_peer::DeadPeer::default(),
         requested_tunnel: tuning.tunnel.given().then_some(tunnel),
     };
     let result = runtime.block_on(async {

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use skerry::control::{MessageReader, close_code, write_message};
+use skerry::dead_peer::DeadPeer;
 use skerry::flow::{TCP_FLOW_PORT, UDP_FLOW_PORT};
 use skerry::pki::{EDGE_SERVER_NAME, HomePki};
 use skerry::portmap::PortMap;
@@ -73,6 +74,8 @@ pub struct HomeOptions {
     pub udp_idle: Duration,
     /// How long flows on a removed port may go on.
     pub drain_grace: Duration,
+    /// When a silent in-tunnel flow or target connection is given up.
+    pub dead_peer: DeadPeer,
     /// The tunnel addresses the user asked for, if any; the edge's own
     /// (in its Welcome) are the ones used.
     pub requested_tunnel: Option<TunnelAddrs>,
@@ -360,7 +363,12 @@ async fn ensure_plane(
         tasks.child_token(),
     )
     .context("setting up the tunnel's UDP socket")?;
-    let fwd = Arc::new(Forwarding::new(map, t.edge(), opts.udp_idle));
+    let fwd = Arc::new(Forwarding::new(
+        map,
+        t.edge(),
+        opts.udp_idle,
+        opts.dead_peer,
+    ));
     let tcp = TcpListener::bind((t.home(), TCP_FLOW_PORT))
         .await
         .with_context(|| format!("binding the flow listener {}:{TCP_FLOW_PORT}", t.home()))?;
@@ -368,10 +376,14 @@ async fn ensure_plane(
     if let Err(e) = skerry::sockopt::defer_accept(&tcp, 1) {
         tracing::debug!(error = %e, "TCP_DEFER_ACCEPT refused on the flow listener");
     }
-    // Accepted flows inherit TCP_NODELAY: set once here, not per flow.
+    // Accepted flows inherit TCP_NODELAY and the probes for an edge that is
+    // gone for good (see `skerry::dead_peer`): set once here, not per flow.
     socket2::SockRef::from(&tcp)
         .set_tcp_nodelay(true)
         .context("setting TCP_NODELAY on the flow listener")?;
+    opts.dead_peer
+        .watch(&tcp)
+        .context("setting TCP keepalive on the flow listener")?;
     let udp_flows = bind_flow_socket(SocketAddr::from((t.home(), UDP_FLOW_PORT)))
         .with_context(|| format!("binding the UDP flow socket {}:{UDP_FLOW_PORT}", t.home()))?;
     tokio::spawn(forward::tcp_flows(tcp, fwd.clone(), tasks.child_token()));

@@ -26,6 +26,7 @@
 
 pub mod bootstrap;
 pub mod control;
+pub mod dead_peer;
 pub mod flow;
 pub mod frame;
 pub mod log_budget;

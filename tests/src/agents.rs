@@ -9,6 +9,7 @@ use std::sync::Arc;
 use home_agent::admin::{self, Controller};
 use home_agent::{HomeOptions, HomeStatus};
 use skerry::bootstrap::{Bootstrap, DEFAULT_CONTROL_PORT, DEFAULT_WIREGUARD_PORT};
+use skerry::dead_peer::DeadPeer;
 use skerry::pki::HomePki;
 use skerry::portmap::{PortMap, PortSpec};
 use skerry::protocol::PortsApplied;
@@ -47,6 +48,8 @@ pub struct Pair {
 pub struct PairOptions {
     pub udp_idle: Duration,
     pub drain_grace: Duration,
+    /// Both agents' keepalive timing.
+    pub dead_peer: DeadPeer,
     /// A config file the home-agent follows, as with `connect --config`.
     pub config: Option<PathBuf>,
 }
@@ -56,6 +59,7 @@ impl Default for PairOptions {
         PairOptions {
             udp_idle: Duration::from_secs(60),
             drain_grace: Duration::from_secs(30),
+            dead_peer: DeadPeer::default(),
             config: None,
         }
     }
@@ -92,6 +96,7 @@ impl Pair {
             TunnelAddrs::DEFAULT,
         ));
         edge_opts.udp_idle = opts.udp_idle;
+        edge_opts.dead_peer = opts.dead_peer;
         let edge_stop = CancellationToken::new();
         let edge = start_edge(&topo, edge_opts.clone(), edge_stop.clone());
 
@@ -103,6 +108,7 @@ impl Pair {
             tun_name: "skerry-home".into(),
             udp_idle: opts.udp_idle,
             drain_grace: opts.drain_grace,
+            dead_peer: opts.dead_peer,
             requested_tunnel: None,
         };
         let home_stop = CancellationToken::new();
@@ -517,6 +523,7 @@ mod tests {
             tun_name: "skerry-home".into(),
             udp_idle: Duration::from_secs(60),
             drain_grace: Duration::from_secs(30),
+            dead_peer: DeadPeer::default(),
             requested_tunnel: None,
         };
         let (returned_tx, returned) = std::sync::mpsc::channel();

@@ -182,6 +182,7 @@ impl Session {
                 tun_name: home_agent::tun_name(&name),
                 udp_idle: Duration::from_secs(60),
                 drain_grace: Duration::from_secs(5),
+                dead_peer: skerry::dead_peer::DeadPeer::default(),
                 requested_tunnel: None,
             };
             let _ = tx.send(Ok((edge, status_rx)));

@@ -9,10 +9,12 @@
 )]
 
 use std::net::SocketAddr;
+use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
+use skerry::dead_peer::DeadPeer;
 use skerry::protocol::EntryStatus;
-use skerry_tests::agents::{Pair, port_map};
+use skerry_tests::agents::{Pair, PairOptions, port_map};
 use skerry_tests::{run_in, spawn_in, tcp_digest_client, tcp_digest_server, udp_echo_server};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -584,12 +586,14 @@ fn a_flow_home_never_acknowledges_ends_after_the_open_timeout() {
 }
 
 /// How a connection ended, seen from one end: what it read, and whether
-/// the end was clean or a reset.
+/// the end was clean or a reset (a `TimedOut` error if it had not ended
+/// within 30 s).
 async fn read_to_the_end(stream: &mut TcpStream) -> (Vec<u8>, std::io::Result<()>) {
     let mut got = Vec::new();
     let mut buf = [0u8; 256];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
             Err(_) => return (got, Err(std::io::ErrorKind::TimedOut.into())),
             Ok(Ok(0)) => return (got, Ok(())),
             Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
@@ -728,4 +732,113 @@ fn an_edge_that_stops_resets_its_connections() {
             "a draining port's connection ended with {b_end:?}"
         );
     });
+}
+
+/// What one end of a connection read, and how the connection ended.
+type ConnectionEnd = (Vec<u8>, std::io::Result<()>);
+
+/// Keepalive fast enough for a test: a silent peer is given up after 3 s.
+const QUICK_DEAD_PEER: DeadPeer = DeadPeer {
+    idle: Duration::from_secs(1),
+    interval: Duration::from_secs(1),
+    probes: 2,
+};
+
+/// Starts a pair whose agents give up silent peers quickly, with a target
+/// that reports what it read and how its connection ended.
+fn pair_with_reporting_target() -> (Pair, skerry_tests::Background, Receiver<ConnectionEnd>) {
+    let pair = Pair::start_with(
+        &[&format!("tcp/9000={TCP_TARGET}")],
+        PairOptions {
+            dead_peer: QUICK_DEAD_PEER,
+            ..PairOptions::default()
+        },
+    );
+    let listener = skerry_tests::tcp_listener_in(&pair.topo.home, TCP_TARGET.parse().unwrap());
+    let (ended_tx, ended_rx) = std::sync::mpsc::channel();
+    let svc = spawn_in(&pair.topo.home, move || async move {
+        let listener = TcpListener::from_std(listener).expect("listener");
+        while let Ok((mut s, _)) = listener.accept().await {
+            let ended_tx = ended_tx.clone();
+            tokio::spawn(async move {
+                let _ = ended_tx.send(read_to_the_end(&mut s).await);
+            });
+        }
+    });
+    pair.wait_for_pooled_flows();
+    (pair, svc, ended_rx)
+}
+
+/// A client that vanishes without a word (its network gone) is given up
+/// once it answers no keepalive probe, and its target's connection is
+/// reset, instead of both being held open for good (the target's own
+/// keepalive is answered by home's kernel).
+#[test]
+fn a_client_that_vanishes_is_given_up_and_its_target_reset() {
+    skerry_tests::init_tracing();
+    let (pair, _svc, ended) = pair_with_reporting_target();
+    let public = SocketAddr::from((pair.topo.edge_public_v4, 9000));
+    let (sent_tx, sent_rx) = std::sync::mpsc::channel();
+    let _client = spawn_in(&pair.topo.client, move || async move {
+        let mut s = TcpStream::connect(public).await.expect("connect");
+        s.write_all(b"hello\n").await.expect("send");
+        let _ = sent_tx.send(());
+        // Held open, and silent from now on.
+        tokio::time::sleep(Duration::from_secs(120)).await;
+    });
+    sent_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the client never connected");
+    // The request is through before the client goes silent.
+    std::thread::sleep(Duration::from_millis(300));
+    for hook in ["input", "output"] {
+        skerry_tests::nft_drop(&pair.topo.client, "skgone", hook, "meta l4proto tcp");
+    }
+    let (got, end) = ended
+        .recv_timeout(Duration::from_secs(40))
+        .expect("the target never reported how its connection ended");
+    assert_eq!(got, b"hello\n");
+    assert!(is_reset(&end), "the target's connection ended with {end:?}");
+}
+
+/// An edge that is gone for good (its tunnel silent) is given up at both
+/// ends: the client and the target each see their connection reset once
+/// the in-tunnel flow has answered no probe, instead of an idle connection
+/// staying open for good on both sides.
+#[test]
+fn an_edge_gone_for_good_is_given_up_at_both_ends() {
+    skerry_tests::init_tracing();
+    let (pair, _svc, ended) = pair_with_reporting_target();
+    let public = SocketAddr::from((pair.topo.edge_public_v4, 9000));
+    let (sent_tx, sent_rx) = std::sync::mpsc::channel();
+    let (client_end_tx, client_end) = std::sync::mpsc::channel();
+    let _client = spawn_in(&pair.topo.client, move || async move {
+        let mut s = TcpStream::connect(public).await.expect("connect");
+        s.write_all(b"hello\n").await.expect("send");
+        let _ = sent_tx.send(());
+        let (got, end) = read_to_the_end(&mut s).await;
+        let _ = client_end_tx.send((got, end));
+    });
+    sent_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the client never connected");
+    std::thread::sleep(Duration::from_millis(300));
+    let wireguard = skerry::bootstrap::DEFAULT_WIREGUARD_PORT;
+    // Nothing from the edge reaches home any more.
+    skerry_tests::nft_drop(
+        &pair.topo.home,
+        "skcut",
+        "input",
+        &format!("udp sport {wireguard}"),
+    );
+    let (got, end) = ended
+        .recv_timeout(Duration::from_secs(40))
+        .expect("the target never reported how its connection ended");
+    assert_eq!(got, b"hello\n");
+    assert!(is_reset(&end), "the target's connection ended with {end:?}");
+    let (got, end) = client_end
+        .recv_timeout(Duration::from_secs(40))
+        .expect("the client never reported how its connection ended");
+    assert!(got.is_empty());
+    assert!(is_reset(&end), "the client's connection ended with {end:?}");
 }

@@ -138,6 +138,7 @@ fn edge_image_boots_under_qemu_and_serves_tcp_and_udp() {
             tun_name: "skerry-home".into(),
             udp_idle: Duration::from_secs(60),
             drain_grace: Duration::from_secs(5),
+            dead_peer: skerry::dead_peer::DeadPeer::default(),
             requested_tunnel: None,
         };
         let pki = pki.clone();
