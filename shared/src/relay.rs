@@ -143,10 +143,11 @@ const DELIVERY_AT_MOST: Duration = Duration::from_secs(60);
 const DELIVERY_POLL_FIRST: Duration = Duration::from_millis(5);
 const DELIVERY_POLL_MAX: Duration = Duration::from_millis(100);
 
-/// Runs a relay's two directions over the connections `ends`; the first
-/// error is the result, and then both connections end with a reset (also
-/// when the other direction had already ended well: a request, a
-/// half-close, then an answer cut off by the target's abort).
+/// Runs a relay's two directions over the connections `ends` (the sources
+/// of `a` and of `b`); the first error is the result, and then both
+/// connections end with a reset (also when the other direction had already
+/// ended well: a request, a half-close, then an answer cut off by the
+/// target's abort).
 ///
 /// A direction that cannot read its source ends the relay at once: the
 /// other one might wait for that source forever. One that cannot write to
@@ -164,21 +165,42 @@ async fn both_ways<A, B>(
         r = &mut a => Ended::A(r),
         r = &mut b => Ended::B(r),
     };
+    let [x, y] = ends;
     let failed = match first {
-        Ended::A(Ok(a)) => match b.await {
+        Ended::A(Ok(a)) => match unless_fails(x, b).await {
             Ok(b) => return Ok((a, b)),
             Err(e) => e,
         },
-        Ended::B(Ok(b)) => match a.await {
+        Ended::B(Ok(b)) => match unless_fails(y, a).await {
             Ok(a) => return Ok((a, b)),
             Err(e) => e,
         },
         Ended::A(Err(e)) => outlive(e, b).await,
         Ended::B(Err(e)) => outlive(e, a).await,
     };
-    let [x, y] = ends;
     tokio::join!(reset_once_delivered(x), reset_once_delivered(y));
     Err(failed)
+}
+
+/// Runs `rest`, the direction still going after the other ended well, until
+/// `quiet` fails: the ended direction's source, now only written to when
+/// `rest` has something. A peer that half-closed and then went (reset, or
+/// given up by keepalive: see [`crate::dead_peer`]) is noticed on its
+/// socket, not at a next write that may never come, while the other side
+/// is silent.
+async fn unless_fails<T>(
+    quiet: &TcpStream,
+    rest: impl Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    let failure = quiet.async_io(Interest::ERROR, || match quiet.take_error() {
+        Ok(Some(e)) | Err(e) => Ok(e),
+        // Taken already (by a write of `rest`, which fails on its own).
+        Ok(None) => Err(io::ErrorKind::WouldBlock.into()),
+    });
+    tokio::select! {
+        r = rest => r,
+        e = failure => Err(e.unwrap_or_else(|e| e)),
+    }
 }
 
 /// The direction that ended first in [`both_ways`].
@@ -1498,6 +1520,36 @@ mod tests {
                 &format!("framed: {framed}: the server sees the abort"),
             );
             assert!(!ended(relay).await, "framed: {framed}: the relay failed");
+        }
+    }
+
+    /// A client that half-closes and then goes (an abort here; a client
+    /// given up by keepalive is the same error on its socket) while the
+    /// server says nothing: the relay notices on the client's socket, not
+    /// at a next write that may never come, and resets the server.
+    #[tokio::test]
+    async fn a_half_closed_peer_that_goes_is_noticed_while_the_other_is_silent() {
+        for framed in [false, true] {
+            let ((mut client, near), (far, mut server)) = pairs().await;
+            let relay = tokio::spawn(relayed(framed, near, far));
+            client.write_all(b"a request").await.unwrap();
+            client.shutdown().await.unwrap();
+            let (request, end) = read_to_the_end(&mut server).await;
+            assert_eq!(request, b"a request");
+            end.expect("the half-close arrives as one");
+            client.set_zero_linger().unwrap();
+            drop(client);
+            let relay_ok = tokio::time::timeout(Duration::from_secs(10), relay)
+                .await
+                .unwrap_or_else(|_| panic!("framed: {framed}: the relay waited on a silent server"))
+                .unwrap();
+            assert!(!relay_ok, "framed: {framed}: the relay failed");
+            // After its half-close the server's reads say no more; a reset
+            // shows as the connection being gone.
+            assert!(
+                server.peer_addr().is_err(),
+                "framed: {framed}: the server's connection was not reset"
+            );
         }
     }
 
