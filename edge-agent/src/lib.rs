@@ -49,6 +49,8 @@ pub const DEFAULT_TUN_NAME: &str = "skerry0";
 /// How long a stopping edge gives its TCP flows to reset their clients:
 /// each needs only to be polled once.
 const CUT_FLOWS_AT_MOST: Duration = Duration::from_secs(2);
+/// How long a stopping edge keeps its tunnel after cutting its flows.
+const TUNNEL_CARRIES_CUTS: Duration = Duration::from_millis(100);
 
 /// Everything the edge-agent runs from.
 #[derive(Debug, Clone)]
@@ -111,8 +113,10 @@ pub async fn run(opts: EdgeOptions, shutdown: CancellationToken) -> anyhow::Resu
     check_time_wait_reuse();
     // The edge's tasks stop when `run` returns, however it returns: a start
     // that fails half-way (the control port taken) must not leave the TUN
-    // device and the WireGuard port held by tasks no one will stop.
-    let tasks = shutdown.child_token();
+    // device and the WireGuard port held by tasks no one will stop. Not on
+    // `shutdown` itself: the tunnel must outlive the flows it carries, so
+    // that home learns of their cut (see the end of `run`).
+    let tasks = CancellationToken::new();
     let _stop_tasks = tasks.clone().drop_guard();
     let key = WireguardKey::generate();
     let tun = device::create(
@@ -194,6 +198,10 @@ pub async fn run(opts: EdgeOptions, shutdown: CancellationToken) -> anyhow::Resu
     control::serve(endpoint, state, shutdown.clone()).await;
     ports.lock().await.close_all();
     ctx.cut_all_flows(CUT_FLOWS_AT_MOST).await;
+    // The cut flows' last segments are queued on the TUN device; the tunnel
+    // task sends them to home (which then resets their targets) once the
+    // runtime has polled it.
+    tokio::time::sleep(TUNNEL_CARRIES_CUTS).await;
     info!("edge-agent stopped");
     Ok(())
 }

@@ -161,6 +161,9 @@ pub async fn tcp_accept_loop(
 ) {
     loop {
         let accepted = tokio::select! {
+            // Stop first: a stopping edge waits only for the flows already
+            // accepted (see `RelayContext::cut_all_flows`).
+            biased;
             () = stop.cancelled() => break,
             r = listener.accept() => r,
         };

@@ -28,16 +28,17 @@ pub struct DeadPeer {
 }
 
 impl Default for DeadPeer {
-    /// Seven minutes of silence (two before the first probe, then ten
-    /// probes half a minute apart): longer than a home router's reboot,
-    /// short enough that a vanished client's slot comes back within
-    /// minutes, not hours (the kernel's own timing, for a program that asks
-    /// for keepalive without one, gives up after two hours and eleven
-    /// minutes).
+    /// Twenty minutes of silence (ten before the first probe, then ten
+    /// probes a minute apart): longer than a home router's reboot or a
+    /// laptop's short sleep (an SSH session survives it, as it would with
+    /// nothing between), short enough that a vanished client's slot comes
+    /// back within the half hour, not after hours (the kernel's own timing,
+    /// for a program that asks for keepalive without one, gives up after
+    /// two hours and eleven minutes).
     fn default() -> Self {
         DeadPeer {
-            idle: Duration::from_secs(120),
-            interval: Duration::from_secs(30),
+            idle: Duration::from_secs(600),
+            interval: Duration::from_secs(60),
             probes: 10,
         }
     }
@@ -54,7 +55,9 @@ impl DeadPeer {
         socket2::SockRef::from(socket).set_tcp_keepalive(&keepalive)
     }
 
-    /// How long a peer that answers nothing at all is kept.
+    /// How long a peer that answers nothing at all is kept (keepalive probes
+    /// only while nothing is unacknowledged: with data in flight, TCP's own
+    /// retransmission limit decides, about 15 minutes).
     pub fn gives_up_after(&self) -> Duration {
         self.idle + self.interval * self.probes
     }

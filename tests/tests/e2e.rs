@@ -587,11 +587,11 @@ fn a_flow_home_never_acknowledges_ends_after_the_open_timeout() {
 
 /// How a connection ended, seen from one end: what it read, and whether
 /// the end was clean or a reset (a `TimedOut` error if it had not ended
-/// within 30 s).
+/// within a minute).
 async fn read_to_the_end(stream: &mut TcpStream) -> (Vec<u8>, std::io::Result<()>) {
     let mut got = Vec::new();
     let mut buf = [0u8; 256];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
             Err(_) => return (got, Err(std::io::ErrorKind::TimedOut.into())),
@@ -679,8 +679,9 @@ fn resets_cross_the_tunnel() {
 }
 
 /// An edge-agent that stops resets the connections it relays, a removed
-/// port's draining ones too: a cut-off answer must not look whole to the
-/// client, as it would after a plain close.
+/// port's draining ones too, and their targets': a cut-off answer must not
+/// look whole to the client, as it would after a plain close, and the
+/// target's connection must not stay open.
 #[test]
 fn an_edge_that_stops_resets_its_connections() {
     skerry_tests::init_tracing();
@@ -689,13 +690,15 @@ fn an_edge_that_stops_resets_its_connections() {
         &format!("tcp/9001={TCP_TARGET}"),
     ]);
     let listener = skerry_tests::tcp_listener_in(&pair.topo.home, TCP_TARGET.parse().unwrap());
+    let (target_end_tx, target_ends) = std::sync::mpsc::channel();
     let _svc = spawn_in(&pair.topo.home, move || async move {
         let listener = TcpListener::from_std(listener).expect("listener");
         while let Ok((mut s, _)) = listener.accept().await {
+            let target_end_tx = target_end_tx.clone();
             tokio::spawn(async move {
                 // Part of an answer; the rest never comes, the connection stays open.
                 let _ = s.write_all(b"part of an answer").await;
-                let _ = read_to_the_end(&mut s).await;
+                let _ = target_end_tx.send(read_to_the_end(&mut s).await);
             });
         }
     });
@@ -732,6 +735,12 @@ fn an_edge_that_stops_resets_its_connections() {
             "a draining port's connection ended with {b_end:?}"
         );
     });
+    for _ in 0..2 {
+        let (_, end) = target_ends
+            .recv_timeout(Duration::from_secs(70))
+            .expect("a target never reported how its connection ended");
+        assert!(is_reset(&end), "a target's connection ended with {end:?}");
+    }
 }
 
 /// What one end of a connection read, and how the connection ended.
@@ -795,16 +804,16 @@ fn a_client_that_vanishes_is_given_up_and_its_target_reset() {
         skerry_tests::nft_drop(&pair.topo.client, "skgone", hook, "meta l4proto tcp");
     }
     let (got, end) = ended
-        .recv_timeout(Duration::from_secs(40))
+        .recv_timeout(Duration::from_secs(70))
         .expect("the target never reported how its connection ended");
     assert_eq!(got, b"hello\n");
     assert!(is_reset(&end), "the target's connection ended with {end:?}");
 }
 
-/// An edge that is gone for good (its tunnel silent) is given up at both
-/// ends: the client and the target each see their connection reset once
-/// the in-tunnel flow has answered no probe, instead of an idle connection
-/// staying open for good on both sides.
+/// An edge that is gone for good (the tunnel silent both ways) is given up
+/// at both ends, each on its own: the client and the target each see their
+/// connection reset once the in-tunnel flow has answered no probe, instead
+/// of an idle connection staying open for good on both sides.
 #[test]
 fn an_edge_gone_for_good_is_given_up_at_both_ends() {
     skerry_tests::init_tracing();
@@ -822,22 +831,25 @@ fn an_edge_gone_for_good_is_given_up_at_both_ends() {
     sent_rx
         .recv_timeout(Duration::from_secs(10))
         .expect("the client never connected");
-    std::thread::sleep(Duration::from_millis(300));
+    // Past the edge's open timeout, which would otherwise decide when its
+    // probes give up (see `edge_agent::flow_pool::open_flow`).
+    std::thread::sleep(2 * edge_agent::flow_pool::OPEN_TIMEOUT + Duration::from_secs(1));
     let wireguard = skerry::bootstrap::DEFAULT_WIREGUARD_PORT;
-    // Nothing from the edge reaches home any more.
-    skerry_tests::nft_drop(
-        &pair.topo.home,
-        "skcut",
-        "input",
-        &format!("udp sport {wireguard}"),
-    );
+    // Nothing crosses the tunnel any more, either way: neither end's
+    // resets reach the other, so each must give up on its own.
+    for (hook, matcher) in [
+        ("input", format!("udp sport {wireguard}")),
+        ("output", format!("udp dport {wireguard}")),
+    ] {
+        skerry_tests::nft_drop(&pair.topo.home, "skcut", hook, &matcher);
+    }
     let (got, end) = ended
-        .recv_timeout(Duration::from_secs(40))
+        .recv_timeout(Duration::from_secs(70))
         .expect("the target never reported how its connection ended");
     assert_eq!(got, b"hello\n");
     assert!(is_reset(&end), "the target's connection ended with {end:?}");
     let (got, end) = client_end
-        .recv_timeout(Duration::from_secs(40))
+        .recv_timeout(Duration::from_secs(70))
         .expect("the client never reported how its connection ended");
     assert!(got.is_empty());
     assert!(is_reset(&end), "the client's connection ended with {end:?}");
