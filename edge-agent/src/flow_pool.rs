@@ -403,8 +403,9 @@ async fn open_flow(home: SocketAddr, dead_peer: DeadPeer) -> std::io::Result<Tcp
     // than the probing) gives its flows up, pooled or carrying a
     // connection; a restarted one answers the first probe with a reset.
     // While the open timeout below is set (pooled, or just taken), it also
-    // decides when the probes give up: the first one unanswered ends the
-    // flow, as the open timeout is shorter than the probing.
+    // decides when the probes give up: the flow ends one interval after the
+    // first unanswered probe, as the open timeout is shorter than the
+    // probing.
     dead_peer.watch(&socket)?;
     // The handshake's last ACK rides on the flow header when that follows
     // within 200 ms (a pooled flow acknowledges on its own after that).

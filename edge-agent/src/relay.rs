@@ -211,16 +211,7 @@ pub async fn tcp_accept_loop(
         let holds_client = ctx.clients_held.token();
         tokio::spawn(
             async move {
-                let result = tokio::select! {
-                    r = tcp_flow(&stream, client, port.port, &ctx) => r,
-                    () = port.flows.cancelled() => Err(std::io::Error::other(
-                        if ctx.stopping.is_cancelled() {
-                            "cut: the edge-agent is stopping"
-                        } else {
-                            "cut: the port was removed and its drain grace is over"
-                        },
-                    )),
-                };
+                let result = tcp_flow(&stream, client, &port, &ctx).await;
                 port.active.fetch_sub(1, Ordering::AcqRel);
                 // No flow to home, home gave up on the connection (its
                 // target refused, reset or went away), its port is gone or
@@ -274,16 +265,53 @@ impl EndedFlow {
     }
 }
 
-/// Relays one public connection; a framed flow is returned once the
-/// connection has ended, to be reused.
+/// Relays one public connection until it ends or its port's flows are cut;
+/// a framed flow is returned once the connection has ended, to be reused.
 async fn tcp_flow(
     client_stream: &TcpStream,
     client: SocketAddr,
-    public_port: u16,
+    port: &PortShared,
     ctx: &RelayContext,
 ) -> std::io::Result<Option<EndedFlow>> {
+    let cut = port.flows.cancelled();
+    tokio::pin!(cut);
+    let cut_error = || {
+        std::io::Error::other(if ctx.stopping.is_cancelled() {
+            "cut: the edge-agent is stopping"
+        } else {
+            "cut: the port was removed and its drain grace is over"
+        })
+    };
+    let mut flow = tokio::select! {
+        r = ctx.pool.flow() => r?,
+        () = &mut cut => return Err(cut_error()),
+    };
+    let carried = tokio::select! {
+        r = carry(client_stream, client, port.port, &mut flow) => r?,
+        () = &mut cut => {
+            // Home resets the target on this, also when the client had
+            // half-closed (a clean end would not tell it: its relay only
+            // writes to the flow by then).
+            skerry::relay::reset_on_close(&flow.stream);
+            return Err(cut_error());
+        }
+    };
+    Ok(carried.map(|(after_end, open_timeout_lifted)| EndedFlow {
+        flow,
+        after_end,
+        open_timeout_lifted,
+    }))
+}
+
+/// The flow header, then the relay: for a framed flow, what came after
+/// home's end and whether the open timeout was lifted.
+async fn carry(
+    client_stream: &TcpStream,
+    client: SocketAddr,
+    public_port: u16,
+    flow: &mut Flow,
+) -> std::io::Result<Option<(Vec<u8>, bool)>> {
     // TCP_NODELAY comes from the listener (see `ports::bind_public_tcp`).
-    let mut flow = ctx.pool.flow().await?;
     let mut header = Vec::with_capacity(skerry::flow::MAX_FLOW_HEADER_LEN + 2 + MAX_EARLY_DATA);
     FlowHeader {
         framed: flow.framed,
@@ -332,11 +360,7 @@ async fn tcp_flow(
     .await;
     let ended = ended?;
     trace!(up = ended.sent, down = ended.received, "connection closed");
-    Ok(Some(EndedFlow {
-        flow,
-        after_end: ended.after_end,
-        open_timeout_lifted: lifted,
-    }))
+    Ok(Some((ended.after_end, lifted)))
 }
 
 /// Receive buffers per `recvmmsg` on a public UDP socket; with GRO each

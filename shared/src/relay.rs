@@ -198,6 +198,9 @@ async fn unless_fails<T>(
         Ok(None) => Err(io::ErrorKind::WouldBlock.into()),
     });
     tokio::select! {
+        // A relay that has just ended well is not failed by a reset that
+        // came in the same turn.
+        biased;
         r = rest => r,
         e = failure => Err(e.unwrap_or_else(|e| e)),
     }
@@ -1546,6 +1549,11 @@ mod tests {
             assert!(!relay_ok, "framed: {framed}: the relay failed");
             // After its half-close the server's reads say no more; a reset
             // shows as the connection being gone.
+            let mut waited = Duration::ZERO;
+            while server.peer_addr().is_ok() && waited < Duration::from_secs(2) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                waited += Duration::from_millis(20);
+            }
             assert!(
                 server.peer_addr().is_err(),
                 "framed: {framed}: the server's connection was not reset"

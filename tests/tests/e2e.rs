@@ -679,9 +679,9 @@ fn resets_cross_the_tunnel() {
 }
 
 /// An edge-agent that stops resets the connections it relays, a removed
-/// port's draining ones too, and their targets': a cut-off answer must not
-/// look whole to the client, as it would after a plain close, and the
-/// target's connection must not stay open.
+/// port's draining ones and half-closed ones too, and their targets': a
+/// cut-off answer must not look whole to the client, as it would after a
+/// plain close, and the target's connection must not stay open.
 #[test]
 fn an_edge_that_stops_resets_its_connections() {
     skerry_tests::init_tracing();
@@ -698,7 +698,14 @@ fn an_edge_that_stops_resets_its_connections() {
             tokio::spawn(async move {
                 // Part of an answer; the rest never comes, the connection stays open.
                 let _ = s.write_all(b"part of an answer").await;
-                let _ = target_end_tx.send(read_to_the_end(&mut s).await);
+                let (_, end) = read_to_the_end(&mut s).await;
+                // The client's half-close ends the reads cleanly; a reset
+                // after it shows as the connection being gone.
+                let reset = match &end {
+                    Ok(()) => gone_within(&s, Duration::from_secs(60)).await,
+                    end => is_reset(end),
+                };
+                let _ = target_end_tx.send((format!("{end:?}"), reset));
             });
         }
     });
@@ -711,11 +718,19 @@ fn an_edge_that_stops_resets_its_connections() {
             run_in(&pair.topo.client, move || async move {
                 let mut a = TcpStream::connect(mapped).await.expect("connect");
                 let mut b = TcpStream::connect(removed).await.expect("connect");
+                let mut c = TcpStream::connect(mapped).await.expect("connect");
                 let mut part = [0u8; 17];
-                a.read_exact(&mut part).await.expect("part of the answer");
-                b.read_exact(&mut part).await.expect("part of the answer");
+                for s in [&mut a, &mut b, &mut c] {
+                    s.read_exact(&mut part).await.expect("part of the answer");
+                }
+                // Said all it had to say; waits for the rest of the answer.
+                c.shutdown().await.expect("half-close");
                 opened_tx.send(()).expect("the test waits for this");
-                (read_to_the_end(&mut a).await, read_to_the_end(&mut b).await)
+                (
+                    read_to_the_end(&mut a).await,
+                    read_to_the_end(&mut b).await,
+                    read_to_the_end(&mut c).await,
+                )
             })
         });
         opened_rx
@@ -724,8 +739,9 @@ fn an_edge_that_stops_resets_its_connections() {
         // Removed, so its connection drains (30 s grace) when the edge stops.
         assert!(pair.remove(&["tcp/9001"]).all_ok());
         pair.edge_stop.cancel();
-        let ((a_got, a_end), (b_got, b_end)) = client.join().expect("the client panicked");
-        assert!(a_got.is_empty() && b_got.is_empty());
+        let ((a_got, a_end), (b_got, b_end), (c_got, c_end)) =
+            client.join().expect("the client panicked");
+        assert!(a_got.is_empty() && b_got.is_empty() && c_got.is_empty());
         assert!(
             is_reset(&a_end),
             "a mapped port's connection ended with {a_end:?}"
@@ -734,13 +750,30 @@ fn an_edge_that_stops_resets_its_connections() {
             is_reset(&b_end),
             "a draining port's connection ended with {b_end:?}"
         );
+        assert!(
+            is_reset(&c_end),
+            "a half-closed connection ended with {c_end:?}"
+        );
     });
-    for _ in 0..2 {
-        let (_, end) = target_ends
+    for _ in 0..3 {
+        let (end, reset) = target_ends
             .recv_timeout(Duration::from_secs(70))
             .expect("a target never reported how its connection ended");
-        assert!(is_reset(&end), "a target's connection ended with {end:?}");
+        assert!(reset, "a target's connection was not reset (it read {end})");
     }
+}
+
+/// Whether `stream`, whose peer has half-closed, is reset within `limit`
+/// (a reset connection has no peer address any more).
+async fn gone_within(stream: &TcpStream, limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while stream.peer_addr().is_ok() {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
 }
 
 /// What one end of a connection read, and how the connection ended.
