@@ -9,7 +9,6 @@ use clap::{Parser, Subcommand};
 use skerry::bootstrap::Bootstrap;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::filter::LevelFilter;
-use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 #[derive(Parser)]
@@ -46,13 +45,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        // A log line that cannot be written is lost, not a panic: the
-        // subscriber's own report of it would go through eprintln!.
-        .log_internal_errors(false)
-        .finish()
-        .with(skerry::logging::filter_from_env(LevelFilter::INFO))
-        .init();
+    skerry::logging::subscriber(
+        std::io::stdout,
+        skerry::logging::filter_from_env(LevelFilter::INFO),
+    )
+    .init();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -19,7 +19,6 @@ use skerry::tunnel::TunnelAddrs;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::filter::LevelFilter;
-use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 #[derive(Parser)]
@@ -163,14 +162,11 @@ enum PortsOp {
 const EXIT_PORTS_REFUSED: u8 = 3;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        // A log line that cannot be written is lost, not a panic: the
-        // subscriber's own report of it would go through eprintln!.
-        .log_internal_errors(false)
-        .finish()
-        .with(skerry::logging::filter_from_env(LevelFilter::WARN))
-        .init();
+    skerry::logging::subscriber(
+        std::io::stderr,
+        skerry::logging::filter_from_env(LevelFilter::WARN),
+    )
+    .init();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,

@@ -6,6 +6,25 @@
 //! that does not parse is reported, not silently replaced.
 
 use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::SubscriberExt;
+
+/// An agent's subscriber: lines to `writer`, filtered by `filter` alone.
+/// (`fmt()`'s own maximum level is info: left in place, it would silence
+/// the debug lines a `RUST_LOG=debug` asks for.)
+pub fn subscriber<W>(writer: W, filter: Targets) -> impl tracing::Subscriber + Send + Sync
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt()
+        .with_writer(writer)
+        .with_max_level(LevelFilter::TRACE)
+        // A log line that cannot be written is lost, not a panic: the
+        // subscriber's own report of it would go through eprintln!.
+        .log_internal_errors(false)
+        .finish()
+        .with(filter)
+}
 
 /// The filter `RUST_LOG` asks for, or `default` when it is unset, empty or
 /// unreadable (then with a note on stderr saying why). Unless it asks for
@@ -68,6 +87,23 @@ fn parse(spec: &str, default: LevelFilter) -> Result<Targets, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_level_asked_for_is_the_level_logged() {
+        let enabled = |spec: &str, level: tracing::Level| {
+            let filter = parse(spec, LevelFilter::INFO).expect("a filter");
+            tracing::subscriber::with_default(subscriber(std::io::sink, filter), || match level {
+                tracing::Level::TRACE => tracing::enabled!(tracing::Level::TRACE),
+                tracing::Level::DEBUG => tracing::enabled!(tracing::Level::DEBUG),
+                _ => tracing::enabled!(tracing::Level::INFO),
+            })
+        };
+        assert!(enabled("debug", tracing::Level::DEBUG));
+        assert!(enabled("trace", tracing::Level::TRACE));
+        assert!(enabled("", tracing::Level::INFO));
+        assert!(!enabled("", tracing::Level::DEBUG));
+        assert!(!enabled("warn", tracing::Level::INFO));
+    }
 
     #[test]
     fn levels_and_target_pairs_parse() {
