@@ -137,12 +137,23 @@ def udp_search(h: Harness, host: str, cfg: Config, services: Services) -> dict:
     probes: list[dict] = []
 
     def probe(rate: float) -> bool:
-        try:
-            p = udp_probe(h, host, cfg, rate)
-        except (RuntimeError, subprocess.TimeoutExpired) as e:
-            log(f"    udp {rate:.0f}M failed: {e}")
-            services.start_iperf()
-            p = {"offered_mbps": rate, "received_mbps": 0.0, "lost_percent": 100.0, "ok": False, "error": str(e)[:200]}
+        # iperf3 itself can fail a probe: its server may still be ending the
+        # last test when the next client connects (through a relay the ends
+        # of the last test's streams arrive a moment later), and the UDP
+        # test's start is one datagram each way, which a flood just before
+        # may have cost. Such a probe is run once more before it counts as
+        # all lost.
+        p = None
+        for attempt in (1, 2):
+            try:
+                p = udp_probe(h, host, cfg, rate)
+                break
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                log(f"    udp {rate:.0f}M failed (attempt {attempt}): {e}")
+                services.start_iperf()
+                time.sleep(1)
+                p = {"offered_mbps": rate, "received_mbps": 0.0, "lost_percent": 100.0, "ok": False,
+                     "error": str(e)[:200]}
         probes.append(p)
         log(f"    udp -b {rate:.0f}M: {p['received_mbps']:.0f} Mbit/s received, {p['lost_percent']:.2f}% lost")
         return p["ok"]
