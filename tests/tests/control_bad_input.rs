@@ -164,10 +164,22 @@ fn stream_ending_inside_a_frame_is_an_error() {
     });
 }
 
+/// A WireGuard end with a key of its own, aimed at the edge's public key.
+fn stranger(edge_key: [u8; 32]) -> boringtun::noise::Tunn {
+    use boringtun::x25519::{PublicKey, StaticSecret};
+    boringtun::noise::Tunn::new(
+        StaticSecret::random(),
+        PublicKey::from(edge_key),
+        None,
+        None,
+        7,
+        None,
+    )
+}
+
 #[test]
 fn wireguard_from_a_key_not_announced_is_ignored() {
-    use boringtun::noise::{Tunn, TunnResult};
-    use boringtun::x25519::{PublicKey, StaticSecret};
+    use boringtun::noise::TunnResult;
     skerry_tests::init_tracing();
     let pair = Pair::start(&[&format!("tcp/9000={TCP_TARGET}")]);
     let _svc = skerry_tests::tcp_digest_service(&pair.topo.home, TCP_TARGET.parse().unwrap());
@@ -176,14 +188,7 @@ fn wireguard_from_a_key_not_announced_is_ignored() {
     run_in(&pair.topo.client, move || async move {
         // A stranger who knows the edge's public key (it is not secret) and
         // its WireGuard port tries a handshake: the edge must not answer.
-        let mut rogue = Tunn::new(
-            StaticSecret::random(),
-            PublicKey::from(edge_key),
-            None,
-            None,
-            7,
-            None,
-        );
+        let mut rogue = stranger(edge_key);
         let mut buf = vec![0u8; 2048];
         let TunnResult::WriteToNetwork(init) = rogue.format_handshake_initiation(&mut buf, false)
         else {
@@ -200,6 +205,72 @@ fn wireguard_from_a_key_not_announced_is_ignored() {
             answered.is_err(),
             "the edge answered a handshake from an unknown key"
         );
+        // The real tunnel is undisturbed.
+        tcp_digest_client(SocketAddr::from((v4, 9000)), 1 << 20, [9; 32])
+            .await
+            .expect("the real tunnel still carries flows");
+    });
+}
+
+/// Past 100 handshake initiations a second the edge answers each with a
+/// cookie instead of doing the work. A cookie is owed to anyone who knows
+/// the edge's public key, so answering one must not make the stranger the
+/// tunnel's endpoint: the tunnel's traffic would go to them.
+#[test]
+fn a_flood_of_stranger_handshakes_gets_cookies_not_the_tunnel() {
+    use boringtun::noise::TunnResult;
+    use tokio::io::AsyncWriteExt;
+    skerry_tests::init_tracing();
+    let pair = Pair::start(&[&format!("tcp/9000={TCP_TARGET}")]);
+    let _svc = skerry_tests::tcp_digest_service(&pair.topo.home, TCP_TARGET.parse().unwrap());
+    let edge_key = pair.edge_wireguard_key();
+    let v4 = pair.topo.edge_public_v4;
+    run_in(&pair.topo.client, move || async move {
+        // Opened before the flood: the bytes sent on it after the flood
+        // cross the tunnel to wherever the edge thinks home is.
+        let mut held = tokio::net::TcpStream::connect((v4, 9000)).await.unwrap();
+        let mut rogue = stranger(edge_key);
+        let sock = tokio::net::UdpSocket::bind("0.0.0.0:0").await.unwrap();
+        let mut buf = vec![0u8; 2048];
+        // Four times what the edge takes in a second without cookies.
+        let flood = 4 * skerry::tunnel::driver::HANDSHAKE_RATE_LIMIT;
+        for _ in 0..flood {
+            let TunnResult::WriteToNetwork(init) =
+                rogue.format_handshake_initiation(&mut buf, true)
+            else {
+                panic!("no handshake initiation");
+            };
+            sock.send_to(init, (v4, skerry::bootstrap::DEFAULT_WIREGUARD_PORT))
+                .await
+                .unwrap();
+        }
+        let (mut cookies, mut other) = (0, Vec::new());
+        let mut reply = [0u8; 2048];
+        let mut sorted = |datagram: &[u8]| match datagram.first() {
+            Some(3) => cookies += 1,
+            first => other.push((first.copied(), datagram.len())),
+        };
+        // The first answer is a cookie: from here on, the edge owes them.
+        let (n, _) = tokio::time::timeout(Duration::from_secs(2), sock.recv_from(&mut reply))
+            .await
+            .expect("the edge answered none of the flood")
+            .unwrap();
+        sorted(&reply[..n]);
+        // The first byte of a digest request: the edge carries it through
+        // the tunnel; the service waits for the rest, so home sends nothing
+        // back but an acknowledgement.
+        held.write_all(&[7u8]).await.unwrap();
+        while let Ok(Ok((n, _))) =
+            tokio::time::timeout(Duration::from_secs(2), sock.recv_from(&mut reply)).await
+        {
+            sorted(&reply[..n]);
+        }
+        assert!(cookies > 0, "the flood never put the edge under load");
+        assert!(
+            other.is_empty(),
+            "the stranger received tunnel datagrams (type, length): {other:?}"
+        );
+        drop(held);
         // The real tunnel is undisturbed.
         tcp_digest_client(SocketAddr::from((v4, 9000)), 1 << 20, [9; 32])
             .await

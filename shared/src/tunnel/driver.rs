@@ -27,10 +27,12 @@ use tun_rs::AsyncDevice;
 
 /// boringtun's own device ticks its timers this often.
 const TIMER_TICK: Duration = Duration::from_millis(250);
-/// Handshake initiations per second accepted before cookies are demanded.
-const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// Handshake messages per second accepted before cookies are demanded.
+pub const HANDSHAKE_RATE_LIMIT: u64 = 100;
 /// Largest datagram we read; WireGuard adds 32 bytes to an inner packet.
 const MAX_PACKET: usize = 65535;
+/// WireGuard's message type of a cookie reply (the first byte).
+const COOKIE_REPLY: u8 = 3;
 /// Keepalive from the home side keeps NAT mappings open on the way out.
 pub const HOME_KEEPALIVE_SECS: u16 = 25;
 
@@ -591,10 +593,16 @@ fn open_datagram(
     let mut queued = false;
     match tunn.decapsulate(Some(from.ip()), datagram, &mut buf[OFFSET..]) {
         TunnResult::WriteToNetwork(p) => {
-            authenticated = true;
+            // Under load, a handshake message is answered with a cookie
+            // after a check against our public key alone: anyone who knows
+            // the key gets one, so it must not move the endpoint (nor get
+            // what waits to be sent).
+            authenticated = !is_cookie_reply(p);
             // Handshake responses and cookies go back where they came from.
             replies.push((p.to_vec(), from));
-            while let TunnResult::WriteToNetwork(p) = tunn.decapsulate(None, &[], scratch) {
+            while authenticated
+                && let TunnResult::WriteToNetwork(p) = tunn.decapsulate(None, &[], scratch)
+            {
                 replies.push((p.to_vec(), from));
             }
         }
@@ -615,7 +623,9 @@ fn open_datagram(
             sh.stats.dropped_spoofed += 1;
             debug!(src = %IpAddr::V6(src), "dropped IPv6 tunnel packet: the tunnel carries IPv4 only");
         }
-        TunnResult::Done => authenticated = true,
+        // A keepalive; or a cookie sent to us, which anyone who saw our
+        // handshake message could make: it proves no key.
+        TunnResult::Done => authenticated = !is_cookie_reply(datagram),
         TunnResult::Err(WireGuardError::DuplicateCounter | WireGuardError::InvalidCounter) => {}
         TunnResult::Err(e) => debug!(%from, error = ?e, "dropped WireGuard datagram"),
     }
@@ -624,6 +634,10 @@ fn open_datagram(
         sh.endpoint = Some(from);
     }
     queued
+}
+
+fn is_cookie_reply(datagram: &[u8]) -> bool {
+    datagram.first() == Some(&COOKIE_REPLY)
 }
 
 /// boringtun reports the age of the last handshake; a smaller age than
