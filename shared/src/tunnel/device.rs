@@ -4,6 +4,7 @@ use std::net::Ipv4Addr;
 
 use super::addrs::prefix_mask;
 use futures::TryStreamExt;
+use rtnetlink::packet_route::link::{AfSpecInet6, AfSpecUnspec, In6AddrGenMode, LinkAttribute};
 use thiserror::Error;
 use tun_rs::{AsyncDevice, DeviceBuilder};
 
@@ -85,6 +86,8 @@ pub async fn create(
         .mtu(mtu)
         .tx_queue_len(TX_QUEUE_LEN)
         .offload(true)
+        // Brought up below, once IPv6 addresses are off.
+        .enable(false)
         .build_async()
         .map_err(|source| DeviceError::Create {
             name: name.to_owned(),
@@ -110,6 +113,24 @@ pub async fn create(
                 reason: "device vanished after creation".into(),
             })?;
         let index = link.header.index;
+        // The tunnel carries IPv4 only. Without an IPv6 link-local address
+        // the kernel sends no router solicitations or MLD reports into it,
+        // each of which would be encrypted, sent and dropped at the far end.
+        // Best effort: a kernel without IPv6 refuses the attribute.
+        if let Err(e) = handle
+            .link()
+            .set(
+                rtnetlink::LinkUnspec::new_with_index(index)
+                    .append_extra_attribute(LinkAttribute::AfSpecUnspec(vec![
+                        AfSpecUnspec::Inet6(vec![AfSpecInet6::AddrGenMode(In6AddrGenMode::None)]),
+                    ]))
+                    .build(),
+            )
+            .execute()
+            .await
+        {
+            tracing::debug!(device = name, error = %e, "could not turn IPv6 addresses off on the TUN");
+        }
         handle
             .address()
             .add(index, addr.into(), prefix_len)
