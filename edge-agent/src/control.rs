@@ -22,6 +22,12 @@ use crate::ports::PortTable;
 /// home-agent acts on the code.
 const SUPERSEDED_REASON: &[u8] = b"another home-agent session took over this edge";
 
+/// How often a session looks for the home's traffic coming from a new
+/// address. QUIC follows such a move by itself (the home sends a keep-alive
+/// at least every few seconds); the tunnel learns it only from the home's
+/// next tunnel packet, which this check asks for.
+const MOVE_CHECK: Duration = Duration::from_secs(1);
+
 /// Refused handshakes logged in full per minute; the rest are counted.
 const REFUSALS_LOGGED_PER_MINUTE: u32 = 5;
 
@@ -146,8 +152,28 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<ControlState>) {
     };
     let mut reader = MessageReader::new(recv);
     let mut session = EdgeSession::new(state.info.clone());
+    let mut home_at = canonical(conn.remote_address());
+    let mut move_check = tokio::time::interval(MOVE_CHECK);
+    move_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result: Result<(), ControlError> = async {
-        while let Some(msg) = reader.next().await? {
+        loop {
+            let msg = tokio::select! {
+                msg = reader.next() => match msg? {
+                    Some(msg) => msg,
+                    None => break,
+                },
+                _ = move_check.tick() => {
+                    let now = canonical(conn.remote_address());
+                    if now != home_at {
+                        info!(from = %home_at, to = %now, "the home-agent's control traffic comes from a new address; asking it for a tunnel packet from there");
+                        home_at = now;
+                        if let Some(told) = session.home_moved(now) {
+                            write_message(&mut send, &told).await?;
+                        }
+                    }
+                    continue;
+                }
+            };
             match session.handle(msg)? {
                 EdgeAction::Established {
                     home_key,
@@ -213,6 +239,11 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<ControlState>) {
         *current = None;
         state.pool.end_session();
     }
+}
+
+/// The dual-stack socket reports IPv4 peers as mapped IPv6 addresses.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 /// A refused handshake, logged within the budget; all of them at debug.

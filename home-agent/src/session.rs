@@ -296,6 +296,12 @@ async fn drive(
                         }
                         status.send_modify(|s| s.applied = Some(applied));
                     }
+                    HomeEvent::Moved(seen) => {
+                        info!(%seen, "the edge sees this home at a new address; sending a tunnel packet so the tunnel follows");
+                        if let Some(p) = plane.as_ref() {
+                            p.tunnel.send_keepalive().await?;
+                        }
+                    }
                     HomeEvent::Pong(_) | HomeEvent::Established(_) => {}
                 }
             }

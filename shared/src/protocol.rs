@@ -4,13 +4,14 @@
 //! and its WireGuard key); the edge answers [`Welcome`] (the chosen version,
 //! its own key, the tunnel's addresses and its public addresses) or
 //! [`Refusal`]. After that the home sends port maps ([`ApplyPorts`]) and the
-//! edge answers each entry ([`PortsApplied`]).
+//! edge answers each entry ([`PortsApplied`]); the edge also says when the
+//! home's traffic starts coming from a new address ([`Message::HomeMoved`]).
 //!
 //! [`HomeSession`] and [`EdgeSession`] are the state machines of the two
 //! ends: messages in, messages and events out. The async shells in the
 //! agents only move frames between them and a stream.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -21,12 +22,15 @@ use crate::tunnel::TunnelAddrs;
 
 /// Message protocol versions this build speaks.
 pub const MIN_VERSION: u16 = 1;
-pub const MAX_VERSION: u16 = 2;
+pub const MAX_VERSION: u16 = 3;
 /// From this version on, the edge opens framed, reusable TCP flows (flow
 /// header version 2, see [`crate::flow`]). The messages are those of
 /// version 1: the version tells the edge that home reads such flows, so an
 /// edge image and a home-agent of different releases still agree.
 pub const FRAMED_FLOWS_VERSION: u16 = 2;
+/// From this version on, the edge sends [`Message::HomeMoved`]; an older
+/// home-agent could not read it.
+pub const HOME_MOVED_VERSION: u16 = 3;
 /// Longest free-text field we accept from a peer.
 pub const MAX_TEXT_LEN: usize = 256;
 
@@ -39,6 +43,13 @@ pub enum Message {
     PortsApplied(PortsApplied),
     Ping(u64),
     Pong(u64),
+    /// Edge to home: the home's control traffic now comes from this
+    /// address (a new IP from the ISP, a router that mapped anew). The
+    /// edge sends tunnel packets to wherever the home's last one came
+    /// from, so home answers with a tunnel packet at once rather than at
+    /// its next keepalive. Appended last: earlier variants keep their
+    /// encoding.
+    HomeMoved(SocketAddr),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,6 +163,7 @@ impl Message {
             Message::PortsApplied(_) => "PortsApplied",
             Message::Ping(_) => "Ping",
             Message::Pong(_) => "Pong",
+            Message::HomeMoved(_) => "HomeMoved",
         }
     }
 
@@ -200,6 +212,8 @@ pub enum HomeEvent {
     Established(Welcome),
     Applied(PortsApplied),
     Pong(u64),
+    /// The edge sees the home's traffic come from this address now.
+    Moved(SocketAddr),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -276,6 +290,7 @@ impl HomeSession {
             (_, Message::Refused(r)) => Err(ProtocolError::Refused(r.reason)),
             (HomeState::Established, Message::PortsApplied(a)) => Ok(HomeEvent::Applied(a)),
             (HomeState::Established, Message::Pong(n)) => Ok(HomeEvent::Pong(n)),
+            (HomeState::Established, Message::HomeMoved(seen)) => Ok(HomeEvent::Moved(seen)),
             (state, other) => Err(ProtocolError::Unexpected {
                 got: other.name(),
                 state: match state {
@@ -314,7 +329,8 @@ pub enum EdgeAction {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum EdgeState {
     AwaitHello,
-    Established,
+    /// With the version agreed.
+    Established(u16),
 }
 
 /// The edge end of a control session.
@@ -342,7 +358,7 @@ impl EdgeSession {
                         max: h.max_version,
                     });
                 }
-                self.state = EdgeState::Established;
+                self.state = EdgeState::Established(version);
                 Ok(EdgeAction::Established {
                     home_key: h.wireguard_key,
                     version,
@@ -356,15 +372,28 @@ impl EdgeSession {
                     }),
                 })
             }
-            (EdgeState::Established, Message::ApplyPorts(a)) => Ok(EdgeAction::Apply(a)),
-            (EdgeState::Established, Message::Ping(n)) => Ok(EdgeAction::Reply(Message::Pong(n))),
+            (EdgeState::Established(_), Message::ApplyPorts(a)) => Ok(EdgeAction::Apply(a)),
+            (EdgeState::Established(_), Message::Ping(n)) => {
+                Ok(EdgeAction::Reply(Message::Pong(n)))
+            }
             (state, other) => Err(ProtocolError::Unexpected {
                 got: other.name(),
                 state: match state {
                     EdgeState::AwaitHello => "waiting for Hello",
-                    EdgeState::Established => "established (edge side)",
+                    EdgeState::Established(_) => "established (edge side)",
                 },
             }),
+        }
+    }
+
+    /// What to tell the home when its traffic comes from a new address:
+    /// nothing before the session is established, nor to a home-agent too
+    /// old to read it (the edge learns where it is from its next tunnel
+    /// packet instead).
+    pub fn home_moved(&self, seen: SocketAddr) -> Option<Message> {
+        match self.state {
+            EdgeState::Established(v) if v >= HOME_MOVED_VERSION => Some(Message::HomeMoved(seen)),
+            _ => None,
         }
     }
 
@@ -497,6 +526,63 @@ mod tests {
             reply,
             Message::Welcome(Welcome { version: 1, .. })
         ));
+    }
+
+    fn hello_up_to(max_version: u16) -> Message {
+        Message::Hello(Hello {
+            min_version: 1,
+            max_version,
+            wireguard_key: [1; 32],
+            agent: "home-agent".into(),
+        })
+    }
+
+    #[test]
+    fn a_home_that_moved_is_told_so_when_it_can_read_it() {
+        let seen: SocketAddr = "[2001:db8::7]:40123".parse().unwrap();
+        let mut edge = EdgeSession::new(info());
+        assert_eq!(
+            edge.home_moved(seen),
+            None,
+            "before the session is established"
+        );
+        let (mut home, hello) = HomeSession::start([1; 32]);
+        let EdgeAction::Established { reply, .. } = edge.handle(wire(&hello)).unwrap() else {
+            panic!("edge did not establish");
+        };
+        home.handle(wire(&reply)).unwrap();
+        let told = edge
+            .home_moved(seen)
+            .expect("an established home of this release is told");
+        assert_eq!(home.handle(wire(&told)).unwrap(), HomeEvent::Moved(seen));
+
+        // A home-agent of an earlier release could not decode the message.
+        let mut edge = EdgeSession::new(info());
+        edge.handle(hello_up_to(HOME_MOVED_VERSION - 1)).unwrap();
+        assert_eq!(edge.home_moved(seen), None);
+    }
+
+    #[test]
+    fn home_moved_before_welcome_is_unexpected() {
+        let (mut home, _) = HomeSession::start([1; 32]);
+        let seen: SocketAddr = "198.51.100.7:4000".parse().unwrap();
+        assert!(matches!(
+            home.handle(Message::HomeMoved(seen)),
+            Err(ProtocolError::Unexpected {
+                got: "HomeMoved",
+                ..
+            })
+        ));
+    }
+
+    /// A new message goes last, so the ones both releases know keep their
+    /// encoding (postcard numbers variants in order).
+    #[test]
+    fn earlier_messages_keep_their_encoding() {
+        assert_eq!(postcard::to_stdvec(&Message::Ping(1)).unwrap(), [5, 1]);
+        assert_eq!(postcard::to_stdvec(&Message::Pong(1)).unwrap(), [6, 1]);
+        let moved = Message::HomeMoved("198.51.100.7:4000".parse().unwrap());
+        assert_eq!(postcard::to_stdvec(&moved).unwrap()[0], 7);
     }
 
     #[test]

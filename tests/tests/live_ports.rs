@@ -9,9 +9,10 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use skerry::bootstrap::{DEFAULT_CONTROL_PORT, DEFAULT_WIREGUARD_PORT};
+use skerry::tunnel::driver::HOME_KEEPALIVE_SECS;
 use skerry_tests::agents::{Pair, PairOptions};
 use skerry_tests::{run_in, spawn_in};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -412,6 +413,130 @@ fn losing_the_control_channel_keeps_flows_and_the_reconnect_resends_the_map() {
         round_trip(&mut s, 1024, 9).await
     }));
     to_flow.send(()).unwrap();
+    held.join().unwrap().unwrap();
+}
+
+/// A dynamic IP changes, a router reboots and maps anew: home's address
+/// on the way to the edge changes under a running pair. Nothing restarts:
+/// QUIC migrates the control session, the edge sees that and asks home for
+/// a tunnel packet, so the tunnel follows at once rather than at home's
+/// next keepalive, and a connection that was open goes on.
+#[test]
+fn home_moving_to_a_new_address_keeps_flows_and_the_session() {
+    skerry_tests::init_tracing();
+    let pair = Pair::start(&[&format!("tcp/9000={ECHO}")]);
+    let _svc = services(&pair);
+    let v4 = pair.topo.edge_public_v4;
+    let sessions = pair.status.borrow().sessions;
+    // A connection opened before the move makes one round trip per word
+    // from here, and says how long it took.
+    let (to_main, from_flow) = mpsc::channel::<Duration>();
+    let (to_flow, from_main) = mpsc::channel::<bool>();
+    let held = pair
+        .topo
+        .client
+        .spawn_runtime("held-flow", move || async move {
+            let mut s = TcpStream::connect((v4, 9000)).await.expect("connect");
+            let mut n = 0u8;
+            while from_main.recv() == Ok(true) {
+                n = n.wrapping_add(1);
+                let started = std::time::Instant::now();
+                assert!(
+                    round_trip(&mut s, 4096, n).await,
+                    "the held connection ended"
+                );
+                to_main.send(started.elapsed()).unwrap();
+            }
+        })
+        .unwrap();
+    let round_trip_now = || {
+        to_flow.send(true).unwrap();
+        from_flow
+            .recv_timeout(Duration::from_secs(60))
+            .expect("a round trip on the held connection")
+    };
+    round_trip_now();
+    // The tunnel carries IPv4 alone: no IPv6 address on either TUN, so
+    // neither kernel sends a packet of its own into it (such a packet from
+    // home would tell the edge the new address by chance).
+    for (ns, tun) in [
+        (&pair.topo.home, "skerry-home"),
+        (&pair.topo.edge, edge_agent::DEFAULT_TUN_NAME),
+    ] {
+        let out = ns
+            .exec("ip", &["-6", "-o", "addr", "show", "dev", tun])
+            .unwrap();
+        assert!(
+            out.stdout.is_empty(),
+            "{tun} has IPv6 addresses: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    // The move comes when the connection's in-tunnel flow is past its open
+    // timeout (from then on an outage of the home link stalls it instead
+    // of ending it), and a second after one of home's keepalives (every
+    // 25 s, give or take a 250 ms timer tick, from when its tunnel started,
+    // just before the first handshake), which would tell the edge the new
+    // address too. Home has nothing unacknowledged either, so for 24 s
+    // nothing of home's reaches the edge unless the edge asks for it.
+    let tunnel = pair
+        .status
+        .borrow()
+        .tunnel_handle
+        .clone()
+        .expect("tunnel up");
+    let keepalive = Duration::from_secs(HOME_KEEPALIVE_SECS.into());
+    let flow_settled = Instant::now() + 2 * edge_agent::flow_pool::OPEN_TIMEOUT;
+    let mut move_at =
+        tunnel.stats().last_handshake.expect("handshake done") + keepalive + Duration::from_secs(1);
+    while move_at < flow_settled {
+        move_at += keepalive;
+    }
+    std::thread::sleep(move_at.saturating_duration_since(Instant::now()));
+
+    let home = &pair.topo.home;
+    let old = pair.topo.home_v4;
+    let new = std::net::Ipv4Addr::from(u32::from(old) + 1);
+    home.exec(
+        "sysctl",
+        &["-qw", "net.ipv4.conf.eth-edge.promote_secondaries=1"],
+    )
+    .expect("sysctl");
+    home.ip(&["addr", "add", &format!("{new}/24"), "dev", "eth-edge"])
+        .expect("add the new address");
+    home.ip(&["addr", "del", &format!("{old}/24"), "dev", "eth-edge"])
+        .expect("remove the old address");
+    // The client speaks first after the move; its bytes wait in the edge's
+    // in-tunnel connection, retransmitted 0.2, 0.6, 1.4, 3.0, 6.2, 12.6 and
+    // 25.4 s after they were sent, until the edge sends to the new address.
+    // Asked, home answers within about 6 s (its control keep-alive goes
+    // every 5 s, the edge looks every second): the bytes cross at the
+    // 6.2 s or the 12.6 s retransmission. Left to its keepalive, 24 s away,
+    // they would cross at the 25.4 s one.
+    let first = round_trip_now();
+    assert!(
+        first < Duration::from_secs(20),
+        "the first round trip after the move took {first:?}: the edge waited for home's keepalive"
+    );
+    for _ in 0..3 {
+        round_trip_now();
+    }
+
+    // Port changes go through the migrated session, not a new one.
+    pair.add(&[&format!("tcp/9001={ECHO}")]);
+    wait_status(&pair, |s| {
+        s.ports.iter().any(|p| p.key == "tcp/9001" && p.ok)
+    });
+    assert_eq!(
+        pair.status.borrow().sessions,
+        sessions,
+        "the control session was re-made"
+    );
+    assert!(run_in(&pair.topo.client, move || async move {
+        let mut s = TcpStream::connect((v4, 9001)).await.unwrap();
+        round_trip(&mut s, 1024, 9).await
+    }));
+    to_flow.send(false).unwrap();
     held.join().unwrap().unwrap();
 }
 

@@ -86,6 +86,7 @@ pub struct TunnelStats {
 enum Command {
     SetPeer(PublicKey),
     Handshake,
+    Keepalive,
 }
 
 /// Talks to a running tunnel driver.
@@ -111,6 +112,17 @@ impl TunnelHandle {
     pub async fn rehandshake(&self) -> Result<(), TunnelStopped> {
         self.commands
             .send(Command::Handshake)
+            .await
+            .map_err(|_| TunnelStopped)
+    }
+
+    /// Sends a keepalive now (home side): the edge sends to wherever the
+    /// last authenticated packet came from, so this moves the tunnel to an
+    /// address of ours that the edge has not seen a packet from yet. With
+    /// no session it starts a handshake, which does the same.
+    pub async fn send_keepalive(&self) -> Result<(), TunnelStopped> {
+        self.commands
+            .send(Command::Keepalive)
             .await
             .map_err(|_| TunnelStopped)
     }
@@ -267,6 +279,7 @@ async fn control_loop(
                     initiate(&ctx, &mut out).await;
                 }
                 Some(Command::Handshake) => initiate(&ctx, &mut out).await,
+                Some(Command::Keepalive) => keepalive(&ctx, &mut out).await,
                 None => break,
             },
             _ = tick.tick() => {
@@ -316,6 +329,22 @@ async fn initiate(ctx: &Context, out: &mut [u8]) {
         let to = sh.endpoint;
         let Some(tunn) = sh.tunn.as_mut() else { return };
         match tunn.format_handshake_initiation(out, false) {
+            TunnResult::WriteToNetwork(p) => (to, p.len()),
+            _ => return,
+        }
+    };
+    if let Some(to) = to {
+        send_one(ctx, &out[..n], to).await;
+    }
+}
+
+/// An empty data packet (or, with no session, a handshake initiation).
+async fn keepalive(ctx: &Context, out: &mut [u8]) {
+    let (to, n) = {
+        let mut sh = ctx.lock();
+        let to = sh.endpoint;
+        let Some(tunn) = sh.tunn.as_mut() else { return };
+        match tunn.encapsulate(&[], out) {
             TunnResult::WriteToNetwork(p) => (to, p.len()),
             _ => return,
         }
