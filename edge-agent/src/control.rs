@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::flow_pool::FlowPool;
+use crate::home_moves::{Check, MoveWatch};
 use crate::ports::PortTable;
 
 /// The close reason sent with [`close_code::SUPERSEDED`], for people: the
@@ -23,10 +24,10 @@ use crate::ports::PortTable;
 const SUPERSEDED_REASON: &[u8] = b"another home-agent session took over this edge";
 
 /// How often a session looks for the home's traffic coming from a new
-/// address. QUIC follows such a move by itself (the home sends a keep-alive
-/// at least every few seconds); the tunnel learns it only from the home's
-/// next tunnel packet, which this check asks for.
-const MOVE_CHECK: Duration = Duration::from_secs(1);
+/// address (see [`crate::home_moves`]). Often: a flow opened in the last
+/// 20 s ends when its bytes go unacknowledged for 10 s, and home's first
+/// keep-alive from a new address may take 5 s to come.
+const MOVE_CHECK: Duration = Duration::from_millis(250);
 
 /// Refused handshakes logged in full per minute; the rest are counted.
 const REFUSALS_LOGGED_PER_MINUTE: u32 = 5;
@@ -152,7 +153,7 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<ControlState>) {
     };
     let mut reader = MessageReader::new(recv);
     let mut session = EdgeSession::new(state.info.clone());
-    let mut home_at = canonical(conn.remote_address());
+    let mut moves = MoveWatch::new(conn.remote_address());
     let mut move_check = tokio::time::interval(MOVE_CHECK);
     move_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result: Result<(), ControlError> = async {
@@ -163,13 +164,23 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<ControlState>) {
                     None => break,
                 },
                 _ = move_check.tick() => {
-                    let now = canonical(conn.remote_address());
-                    if now != home_at {
-                        info!(from = %home_at, to = %now, "the home-agent's control traffic comes from a new address; asking it for a tunnel packet from there");
-                        home_at = now;
-                        if let Some(told) = session.home_moved(now) {
-                            write_message(&mut send, &told).await?;
+                    let now = Instant::now();
+                    let at = match moves.check(conn.remote_address(), state.tunnel.stats().endpoint, now) {
+                        Check::Quiet => continue,
+                        Check::Moved { from, to } => {
+                            info!(%from, %to, "the home-agent's control traffic comes from a new address");
+                            to
                         }
+                        Check::Unanswered { at } => {
+                            debug!(%at, "no tunnel packet from the home-agent's new address yet; asking again");
+                            at
+                        }
+                    };
+                    let told = session.home_moved(at);
+                    moves.told(told.is_some(), now);
+                    match told {
+                        Some(told) => write_message(&mut send, &told).await?,
+                        None => info!("the home-agent cannot be told (a release before protocol 3, or the session is not up yet); the tunnel follows home's next packet"),
                     }
                     continue;
                 }
@@ -239,11 +250,6 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<ControlState>) {
         *current = None;
         state.pool.end_session();
     }
-}
-
-/// The dual-stack socket reports IPv4 peers as mapped IPv6 addresses.
-fn canonical(addr: SocketAddr) -> SocketAddr {
-    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 /// A refused handshake, logged within the budget; all of them at debug.

@@ -19,6 +19,7 @@
 pub mod addresses;
 pub mod control;
 pub mod flow_pool;
+pub mod home_moves;
 pub mod metadata;
 pub mod ports;
 pub mod relay;

@@ -119,7 +119,8 @@ impl TunnelHandle {
     /// Sends a keepalive now (home side): the edge sends to wherever the
     /// last authenticated packet came from, so this moves the tunnel to an
     /// address of ours that the edge has not seen a packet from yet. With
-    /// no session it starts a handshake, which does the same.
+    /// no session it starts a handshake, which does the same (one already
+    /// under way is left to its own retry; the keepalive then follows it).
     pub async fn send_keepalive(&self) -> Result<(), TunnelStopped> {
         self.commands
             .send(Command::Keepalive)
