@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use skerry::control::{ControlError, MessageReader, close_code, write_message};
 use skerry::log_budget::LogBudget;
-use skerry::protocol::{EdgeAction, EdgeInfo, EdgeSession, ProtocolError};
+use skerry::protocol::{EdgeAction, EdgeInfo, EdgeSession, ProtocolError, Untold};
 use skerry::tunnel::TunnelHandle;
 use skerry::tunnel::driver::short_key;
 use tokio::sync::Mutex;
@@ -175,12 +175,17 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<ControlState>) {
                             debug!(%at, "no tunnel packet from the home-agent's new address yet; asking again");
                             at
                         }
+                        Check::GaveUp { at } => {
+                            info!(%at, "no tunnel packet from the home-agent's new address; the tunnel follows its next one (its keepalive, within 25 s)");
+                            continue;
+                        }
                     };
                     let told = session.home_moved(at);
-                    moves.told(told.is_some(), now);
+                    moves.told(told.as_ref().map(|_| ()).map_err(|&u| u), now);
                     match told {
-                        Some(told) => write_message(&mut send, &told).await?,
-                        None => info!("the home-agent cannot be told (a release before protocol 3, or the session is not up yet); the tunnel follows home's next packet"),
+                        Ok(told) => write_message(&mut send, &told).await?,
+                        Err(Untold::NotEstablished) => {}
+                        Err(Untold::OlderRelease) => info!("the home-agent's release cannot be told it moved; the tunnel follows its next packet (its keepalive, within 25 s)"),
                     }
                     continue;
                 }

@@ -311,6 +311,16 @@ pub struct EdgeInfo {
     pub public_addrs: Vec<IpAddr>,
 }
 
+/// Why a home cannot be told it moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Untold {
+    /// Not yet: the session is not established.
+    NotEstablished,
+    /// Its release cannot read [`Message::HomeMoved`]: the edge learns where
+    /// it is from its next tunnel packet instead.
+    OlderRelease,
+}
+
 /// What the edge must do after a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EdgeAction {
@@ -386,14 +396,13 @@ impl EdgeSession {
         }
     }
 
-    /// What to tell the home when its traffic comes from a new address:
-    /// nothing before the session is established, nor to a home-agent too
-    /// old to read it (the edge learns where it is from its next tunnel
-    /// packet instead).
-    pub fn home_moved(&self, seen: SocketAddr) -> Option<Message> {
+    /// What to tell the home when its traffic comes from a new address,
+    /// or why it cannot be told (yet).
+    pub fn home_moved(&self, seen: SocketAddr) -> Result<Message, Untold> {
         match self.state {
-            EdgeState::Established(v) if v >= HOME_MOVED_VERSION => Some(Message::HomeMoved(seen)),
-            _ => None,
+            EdgeState::AwaitHello => Err(Untold::NotEstablished),
+            EdgeState::Established(v) if v >= HOME_MOVED_VERSION => Ok(Message::HomeMoved(seen)),
+            EdgeState::Established(_) => Err(Untold::OlderRelease),
         }
     }
 
@@ -541,11 +550,7 @@ mod tests {
     fn a_home_that_moved_is_told_so_when_it_can_read_it() {
         let seen: SocketAddr = "[2001:db8::7]:40123".parse().unwrap();
         let mut edge = EdgeSession::new(info());
-        assert_eq!(
-            edge.home_moved(seen),
-            None,
-            "before the session is established"
-        );
+        assert_eq!(edge.home_moved(seen), Err(Untold::NotEstablished));
         let (mut home, hello) = HomeSession::start([1; 32]);
         let EdgeAction::Established { reply, .. } = edge.handle(wire(&hello)).unwrap() else {
             panic!("edge did not establish");
@@ -554,12 +559,13 @@ mod tests {
         let told = edge
             .home_moved(seen)
             .expect("an established home of this release is told");
+
         assert_eq!(home.handle(wire(&told)).unwrap(), HomeEvent::Moved(seen));
 
         // A home-agent of an earlier release could not decode the message.
         let mut edge = EdgeSession::new(info());
         edge.handle(hello_up_to(HOME_MOVED_VERSION - 1)).unwrap();
-        assert_eq!(edge.home_moved(seen), None);
+        assert_eq!(edge.home_moved(seen), Err(Untold::OlderRelease));
     }
 
     #[test]
