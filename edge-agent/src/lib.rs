@@ -35,7 +35,7 @@ use skerry::dead_peer::DeadPeer;
 use skerry::flow::{TCP_FLOW_PORT, UDP_FLOW_PORT};
 use skerry::protocol::EdgeInfo;
 use skerry::tunnel::device::{self, DEFAULT_MTU};
-use skerry::tunnel::{Endpoint, TunnelSpec, WireguardKey, driver};
+use skerry::tunnel::{Endpoint, Inbound, TunnelSpec, WireguardKey, driver};
 use socket2::{Domain, Socket, Type};
 use tokio::net::UdpSocket;
 use tokio::sync::Mutex;
@@ -136,6 +136,8 @@ pub async fn run(opts: EdgeOptions, shutdown: CancellationToken) -> anyhow::Resu
         TunnelSpec {
             private_key: key.secret(),
             peer_addr: tunnel.home(),
+            own_addr: tunnel.edge(),
+            inbound: Inbound::ToSelf,
             endpoint: Endpoint::Learned,
             keepalive: None,
         },

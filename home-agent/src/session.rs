@@ -17,7 +17,7 @@ use skerry::portmap::PortMap;
 use skerry::protocol::{HomeEvent, HomeSession, PortsApplied, Welcome};
 use skerry::tunnel::device::{self, DEFAULT_MTU};
 use skerry::tunnel::driver::{self, HOME_KEEPALIVE_SECS};
-use skerry::tunnel::{Endpoint, TunnelAddrs, TunnelHandle, TunnelSpec, WireguardKey};
+use skerry::tunnel::{Endpoint, Inbound, TunnelAddrs, TunnelHandle, TunnelSpec, WireguardKey};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -362,6 +362,8 @@ async fn ensure_plane(
         TunnelSpec {
             private_key: key.secret(),
             peer_addr: t.edge(),
+            own_addr: t.home(),
+            inbound: Inbound::FlowPorts,
             endpoint: Endpoint::Fixed(SocketAddr::new(opts.edge.ip(), welcome.wireguard_port)),
             keepalive: Some(HOME_KEEPALIVE_SECS),
         },

@@ -17,6 +17,7 @@ use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use quinn_udp::UdpSocketState;
 
+use super::inbound::Inbound;
 use super::tun_buf::{GroBuf, HeadPool, OFFSET, PACKET_BUF};
 use crate::udp_batch::{self, GSO_MAX_BYTES, RecvBatch};
 use tokio::net::UdpSocket;
@@ -50,6 +51,10 @@ pub struct TunnelSpec {
     pub private_key: StaticSecret,
     /// The peer's tunnel address: the only inner source accepted.
     pub peer_addr: Ipv4Addr,
+    /// This end's tunnel address: the only inner destination accepted.
+    pub own_addr: Ipv4Addr,
+    /// What else an inner packet must be to be accepted.
+    pub inbound: Inbound,
     pub endpoint: Endpoint,
     /// Sent every this many seconds when idle; `None` on the edge.
     pub keepalive: Option<u16>,
@@ -60,6 +65,8 @@ impl std::fmt::Debug for TunnelSpec {
         f.debug_struct("TunnelSpec")
             .field("private_key", &"[redacted]")
             .field("peer_addr", &self.peer_addr)
+            .field("own_addr", &self.own_addr)
+            .field("inbound", &self.inbound)
             .field("endpoint", &self.endpoint)
             .field("keepalive", &self.keepalive)
             .finish()
@@ -76,6 +83,9 @@ pub struct TunnelStats {
     pub endpoint: Option<SocketAddr>,
     /// Decrypted packets dropped because their inner source was not the peer's.
     pub dropped_spoofed: u64,
+    /// Decrypted packets from the peer to somewhere this end does not serve
+    /// (see [`Inbound`]).
+    pub dropped_not_admitted: u64,
     /// Packets from the TUN that could not be read (too large, bad offload
     /// header), dropped alone.
     pub dropped_unreadable: u64,
@@ -638,14 +648,17 @@ fn open_datagram(
         }
         TunnResult::WriteToTunnelV4(packet, src) => {
             authenticated = true;
-            if src == ctx.spec.peer_addr {
+            if src != ctx.spec.peer_addr {
+                sh.stats.dropped_spoofed += 1;
+                debug!(%src, "dropped tunnel packet whose inner source is not the peer's address");
+            } else if !ctx.spec.inbound.admits(ctx.spec.own_addr, packet) {
+                sh.stats.dropped_not_admitted += 1;
+                not_admitted(sh.stats.dropped_not_admitted, packet);
+            } else {
                 let len = packet.len();
                 sh.stats.rx_bytes += len as u64;
                 buf.truncate(OFFSET + len);
                 queued = true;
-            } else {
-                sh.stats.dropped_spoofed += 1;
-                debug!(%src, "dropped tunnel packet whose inner source is not the peer's address");
             }
         }
         TunnResult::WriteToTunnelV6(_, src) => {
@@ -664,6 +677,29 @@ fn open_datagram(
         sh.endpoint = Some(from);
     }
     queued
+}
+
+/// The peer sent something this end does not serve: a warning the first
+/// time (from a compromised or misbuilt peer, worth knowing), then debug.
+fn not_admitted(dropped: u64, packet: &[u8]) {
+    let dst = packet
+        .get(16..20)
+        .map(|d| Ipv4Addr::new(d[0], d[1], d[2], d[3]));
+    let proto = packet.get(9).copied();
+    if dropped == 1 {
+        warn!(
+            ?dst,
+            ?proto,
+            "dropped a tunnel packet from the peer to an address or port this end does not serve"
+        );
+    } else {
+        debug!(
+            ?dst,
+            ?proto,
+            dropped,
+            "dropped a tunnel packet from the peer that this end does not serve"
+        );
+    }
 }
 
 fn is_cookie_reply(datagram: &[u8]) -> bool {

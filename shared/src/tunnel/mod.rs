@@ -5,6 +5,7 @@
 //! | [`addrs`] | the private addresses of the two tunnel ends |
 //! | [`device`] | creating and configuring the TUN device (rtnetlink) |
 //! | [`driver`] | the task that moves packets between TUN, `Tunn` and UDP |
+//! | [`inbound`] | which decrypted packets an end hands its kernel |
 //! | `tun_buf` | TUN buffers' layout; write buffers sized by what GRO coalesces |
 //! | [`keys`] | WireGuard keys, kept in a type that never prints |
 //!
@@ -14,9 +15,11 @@
 pub mod addrs;
 pub mod device;
 pub mod driver;
+pub mod inbound;
 pub mod keys;
 pub(crate) mod tun_buf;
 
 pub use addrs::TunnelAddrs;
 pub use driver::{Endpoint, TunnelHandle, TunnelSpec, TunnelStats};
+pub use inbound::Inbound;
 pub use keys::WireguardKey;

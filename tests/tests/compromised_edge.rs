@@ -1,0 +1,72 @@
+//! What a compromised edge can reach at home: the flows it is there to
+//! carry, nothing else (DESIGN.md: a compromised edge learns nothing about
+//! the home network).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use skerry::tunnel::TunnelAddrs;
+use skerry_tests::agents::Pair;
+use skerry_tests::{run_in, tcp_digest_client};
+
+const TCP_TARGET: &str = "127.0.0.1:8000";
+
+#[test]
+fn a_compromised_edge_reaches_no_other_service_at_home() {
+    skerry_tests::init_tracing();
+    let pair = Pair::start(&[&format!("tcp/9000={TCP_TARGET}")]);
+    let _svc = skerry_tests::tcp_digest_service(&pair.topo.home, TCP_TARGET.parse().unwrap());
+    // Services listening on all of home's addresses, as sshd or a database
+    // would be; the tunnel's address is one of them.
+    let home = &pair.topo.home;
+    let sshd = skerry_tests::tcp_listener_in(home, "0.0.0.0:2222".parse().unwrap());
+    let dns = skerry_tests::udp_socket_in(home, "0.0.0.0:2223".parse().unwrap());
+    let home_in_tunnel = TunnelAddrs::DEFAULT.home();
+
+    // Root on the edge speaks to home's tunnel address directly.
+    let connected = run_in(&pair.topo.edge, move || async move {
+        let udp = tokio::net::UdpSocket::bind("0.0.0.0:0").await.unwrap();
+        udp.send_to(b"who is there", (home_in_tunnel, 2223))
+            .await
+            .unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(3),
+            tokio::net::TcpStream::connect((home_in_tunnel, 2222)),
+        )
+        .await
+        .is_ok_and(|c| c.is_ok())
+    });
+    assert!(!connected, "the edge connected to a service of home's");
+    let mut buf = [0u8; 64];
+    match dns.recv_from(&mut buf) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("a datagram from the edge reached a service of home's: {other:?}"),
+    }
+    assert!(
+        sshd.accept().is_err(),
+        "a connection from the edge waits at home"
+    );
+    let tunnel = pair
+        .status
+        .borrow()
+        .tunnel_handle
+        .clone()
+        .expect("tunnel up");
+    skerry_tests::poll_until(Duration::from_secs(5), || {
+        if tunnel.stats().dropped_not_admitted > 0 {
+            Ok(())
+        } else {
+            Err("home counted no refused tunnel packet".to_string())
+        }
+    });
+
+    // What the edge is there for still works.
+    let v4 = pair.topo.edge_public_v4;
+    run_in(&pair.topo.client, move || async move {
+        tcp_digest_client(SocketAddr::from((v4, 9000)), 1 << 20, [3; 32])
+            .await
+            .expect("a flow through the edge");
+    });
+}
