@@ -50,6 +50,9 @@ fn main() -> ExitCode {
         skerry::logging::filter_from_env(LevelFilter::INFO),
     )
     .init();
+    if let Err(e) = skerry::fd_limit::raise() {
+        tracing::warn!(error = %e, "could not raise the open-file limit; it stays at its soft value");
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -19,6 +19,7 @@
 //! | [`shutdown`] | SIGINT and SIGTERM to a cancellation token |
 //! | [`log_budget`] | a cap on how often what strangers cause is logged |
 //! | [`logging`] | the `RUST_LOG` filter both agents use |
+//! | [`fd_limit`] | the open-file limit, raised to what the system allows |
 //!
 //! What it does not do: open public listeners (the edge-agent does) or
 //! connect to targets (the home-agent does).
@@ -27,6 +28,7 @@
 pub mod bootstrap;
 pub mod control;
 pub mod dead_peer;
+pub mod fd_limit;
 pub mod flow;
 pub mod frame;
 pub mod log_budget;
