@@ -31,7 +31,7 @@ use tracing::{Instrument, debug, debug_span, trace, warn};
 
 use crate::flow_pool::{Flow, FlowPool};
 use crate::ports::PortShared;
-use crate::udp_flows::FlowTable;
+use crate::udp_flows::{FlowTable, MAX_FLOWS, Refused};
 
 /// Largest UDP payload read from a public socket.
 const MAX_UDP_PAYLOAD: usize = 65507;
@@ -61,6 +61,9 @@ pub struct RelayContext {
     /// Failed accepts on any public port: running out of descriptors under
     /// a flood is the whole edge's news, and worth a few lines a minute.
     accept_failures: Mutex<LogBudget>,
+    /// New UDP clients refused because the flow table is full: a flood,
+    /// most likely, and worth a line a minute.
+    udp_table_full: Mutex<LogBudget>,
     /// Cancelled when the edge stops: every port's flows are cut, removed
     /// ports' draining ones too (each port's token is a child of this one).
     pub(crate) stopping: CancellationToken,
@@ -93,6 +96,7 @@ impl RelayContext {
                 Duration::from_secs(60),
                 ACCEPT_FAILURES_LOGGED_PER_MINUTE,
             )),
+            udp_table_full: Mutex::new(LogBudget::new(Duration::from_secs(60), 1)),
             stopping: CancellationToken::new(),
             clients_held: TaskTracker::new(),
         })
@@ -423,8 +427,12 @@ pub async fn udp_receive_loop(
                     .inbound(port.port, client, policy.max_conns, Instant::now())
                 {
                     Ok(id) => id,
-                    Err(_) => {
+                    Err(Refused::PortFull) => {
                         trace!(port = port.port, %client, "datagram refused: port at max-conns");
+                        continue;
+                    }
+                    Err(Refused::TableFull) => {
+                        table_full(&ctx, port.port);
                         continue;
                     }
                 };
@@ -482,6 +490,24 @@ struct Run {
 }
 
 /// Sends a run of datagrams to the home-agent's flow socket.
+/// A datagram from a new client, refused: [`MAX_FLOWS`] are open.
+fn table_full(ctx: &RelayContext, port: u16) {
+    let admitted = ctx
+        .udp_table_full
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .admit(Instant::now());
+    match admitted {
+        Some(held_back) => warn!(
+            port,
+            held_back,
+            max = MAX_FLOWS,
+            "UDP datagrams from new clients refused: the edge's UDP flow table is full (a flood?); open flows go on, new ones start as old ones go idle"
+        ),
+        None => trace!(port, "datagram refused: UDP flow table full"),
+    }
+}
+
 async fn send_home(ctx: &RelayContext, run: &[u8], segment: usize) {
     let sent = udp_batch::send_run(
         &ctx.tunnel_udp,

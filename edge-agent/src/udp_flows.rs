@@ -16,11 +16,20 @@ pub struct Flow {
     last_seen: Instant,
 }
 
+/// Flows open at once on all ports, at most. A flow costs little here, but
+/// a socket and a task at home, and anyone can open one with a datagram
+/// from a new source port (or a spoofed source): without a cap a flood
+/// would fill both machines' memory. Each client address playing or
+/// resolving at once is one flow, so this is far above what a home serves.
+pub const MAX_FLOWS: usize = 4096;
+
 /// Why a new flow was not opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refused {
     /// The port's `max-conns` cap is reached.
     PortFull,
+    /// [`MAX_FLOWS`] are open.
+    TableFull,
 }
 
 #[derive(Debug, Default)]
@@ -55,6 +64,9 @@ impl FlowTable {
             && u64::try_from(open).unwrap_or(u64::MAX) >= u64::from(max)
         {
             return Err(Refused::PortFull);
+        }
+        if self.by_id.len() >= MAX_FLOWS {
+            return Err(Refused::TableFull);
         }
         let id = self.fresh_id();
         self.by_client.insert((public_port, client), id);
@@ -164,6 +176,29 @@ mod tests {
         );
         assert!(t.outbound(b, t0).is_none());
         assert!(t.outbound(a, t0).is_some());
+    }
+
+    /// A flood from as many source ports fills the table and no more; the
+    /// flows already open go on, and room comes back as flows expire.
+    #[test]
+    fn a_flood_of_new_sources_is_capped() {
+        let t0 = Instant::now();
+        let mut t = FlowTable::new();
+        let first = t.inbound(27015, addr(1), None, t0).unwrap();
+        for port in 2..=u16::try_from(MAX_FLOWS).unwrap() {
+            t.inbound(27015, addr(port), None, t0 + Duration::from_secs(30))
+                .unwrap();
+        }
+        assert_eq!(t.len(), MAX_FLOWS);
+        let late = addr(60000);
+        assert_eq!(t.inbound(53, late, None, t0), Err(Refused::TableFull));
+        assert_eq!(t.inbound(27015, addr(1), None, t0), Ok(first));
+        // The first flow goes idle; its room is the next one's.
+        t.expire(t0 + Duration::from_secs(61), Duration::from_secs(60));
+        assert!(
+            t.inbound(53, late, None, t0 + Duration::from_secs(61))
+                .is_ok()
+        );
     }
 
     #[test]
