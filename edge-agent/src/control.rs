@@ -113,6 +113,17 @@ pub async fn serve(
             () = shutdown.cancelled() => break,
             i = endpoint.accept() => match i { Some(i) => i, None => break },
         };
+        // A handshake costs the edge a signature and some state for
+        // seconds, so an address that has not shown it receives answers (a
+        // flood from spoofed sources) gets a stateless Retry first, as QUIC
+        // provides: one more round trip for home's connect, nothing kept.
+        if !incoming.remote_address_validated() {
+            if let Err(e) = incoming.retry() {
+                debug!(error = %e, "could not ask a control client to retry; ignoring it");
+                e.into_incoming().ignore();
+            }
+            continue;
+        }
         let remote = incoming.remote_address();
         let state = state.clone();
         tokio::spawn(

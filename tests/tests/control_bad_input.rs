@@ -277,3 +277,43 @@ fn a_flood_of_stranger_handshakes_gets_cookies_not_the_tunnel() {
             .expect("the real tunnel still carries flows");
     });
 }
+
+/// A QUIC handshake costs the edge a signature and state for seconds: an
+/// Initial from an address that has not shown it can receive answers (a
+/// spoofed source) gets only a stateless Retry.
+#[test]
+fn an_initial_from_an_unproven_address_gets_a_retry() {
+    skerry_tests::init_tracing();
+    let pair = Pair::start(&[&format!("tcp/9000={TCP_TARGET}")]);
+    let edge = SocketAddr::from((pair.topo.edge_public_v4, DEFAULT_CONTROL_PORT));
+    let pki = pair.pki.clone();
+    let answer = run_in(&pair.topo.client, move || async move {
+        // A real client's first datagram, caught on its way: sent on from
+        // another socket, it is what a spoofer would send.
+        let catcher = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let to = catcher.local_addr().unwrap();
+        let mut ep = quinn::Endpoint::client("0.0.0.0:0".parse().unwrap()).unwrap();
+        ep.set_default_client_config(
+            skerry::tls::quic_client_config(pki.ca_cert(), pki.home()).unwrap(),
+        );
+        let _connecting = ep.connect(to, EDGE_SERVER_NAME).unwrap();
+        let mut initial = vec![0u8; 2048];
+        let (n, _) = tokio::time::timeout(Duration::from_secs(5), catcher.recv_from(&mut initial))
+            .await
+            .expect("the client sent no Initial")
+            .unwrap();
+        let spoofer = tokio::net::UdpSocket::bind("0.0.0.0:0").await.unwrap();
+        spoofer.send_to(&initial[..n], edge).await.unwrap();
+        let mut answer = vec![0u8; 2048];
+        let (m, _) = tokio::time::timeout(Duration::from_secs(5), spoofer.recv_from(&mut answer))
+            .await
+            .expect("the edge did not answer the Initial")
+            .unwrap();
+        answer.truncate(m);
+        answer
+    });
+    // A long header whose type bits say Retry (QUIC v1: 0b11).
+    let first = answer[0];
+    assert!(first & 0x80 != 0, "not a long header: {first:#04x}");
+    assert_eq!((first >> 4) & 0x03, 3, "not a Retry: {first:#04x}");
+}
