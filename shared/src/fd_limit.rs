@@ -11,18 +11,35 @@
 
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
-/// The kernel's default ceiling (`fs.nr_open`): a soft limit above it is
-/// refused even where the hard limit is unlimited.
+/// Enough for any home's traffic: a hard limit may be unlimited, and the
+/// soft one need not follow it there (this is also the kernel's default
+/// `fs.nr_open`).
 const CEILING: u64 = 1 << 20;
 
-/// Raises the soft limit on open files to the hard limit; the limit now.
+/// Raises the soft limit on open files to the hard limit (at most
+/// [`CEILING`]); the soft limit now.
 pub fn raise() -> Result<u64, nix::Error> {
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
     let target = hard.min(CEILING).max(soft);
-    if target > soft {
-        setrlimit(Resource::RLIMIT_NOFILE, target, hard)?;
+    if target <= soft {
+        return Ok(soft);
     }
-    Ok(target)
+    match setrlimit(Resource::RLIMIT_NOFILE, target, hard) {
+        Ok(()) => Ok(target),
+        // The hard limit is above `fs.nr_open` (lowered since it was set),
+        // and the kernel takes no limit above that: both go down to it.
+        Err(nix::Error::EPERM) => {
+            let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or(nix::Error::EPERM)?;
+            let hard = hard.min(nr_open);
+            let target = target.min(hard).max(soft);
+            setrlimit(Resource::RLIMIT_NOFILE, target, hard)?;
+            Ok(target)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]

@@ -42,7 +42,8 @@ use crate::portmap::Protocol;
 
 /// Port on the home tunnel address where the edge opens TCP flows.
 pub const TCP_FLOW_PORT: u16 = 7001;
-/// Port on both tunnel addresses that carries UDP datagrams.
+/// Port on the home tunnel address that carries UDP datagrams (the edge
+/// sends them from its WireGuard port on its own tunnel address).
 pub const UDP_FLOW_PORT: u16 = 7002;
 pub const FLOW_VERSION: u8 = 1;
 /// A TCP flow whose bytes are framed, so that it can be reused.

@@ -1,6 +1,5 @@
 //! What a compromised edge can reach at home: the flows it is there to
-//! carry, nothing else (DESIGN.md: a compromised edge learns nothing about
-//! the home network).
+//! carry, nothing else; it learns nothing about the home network.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -31,14 +30,18 @@ fn a_compromised_edge_reaches_no_other_service_at_home() {
         udp.send_to(b"who is there", (home_in_tunnel, 2223))
             .await
             .unwrap();
+        // Unanswered, not refused: the SYN and its retransmissions vanish
+        // at home's end of the tunnel.
         tokio::time::timeout(
             Duration::from_secs(3),
             tokio::net::TcpStream::connect((home_in_tunnel, 2222)),
         )
         .await
-        .is_ok_and(|c| c.is_ok())
     });
-    assert!(!connected, "the edge connected to a service of home's");
+    assert!(
+        connected.is_err(),
+        "the edge's connection to a service of home's was answered: {connected:?}"
+    );
     let mut buf = [0u8; 64];
     match dns.recv_from(&mut buf) {
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -55,7 +58,8 @@ fn a_compromised_edge_reaches_no_other_service_at_home() {
         .clone()
         .expect("tunnel up");
     skerry_tests::poll_until(Duration::from_secs(5), || {
-        if tunnel.stats().dropped_not_admitted > 0 {
+        // The datagram, the SYN and at least one of its retransmissions.
+        if tunnel.stats().dropped_not_admitted >= 3 {
             Ok(())
         } else {
             Err("home counted no refused tunnel packet".to_string())

@@ -17,7 +17,7 @@ use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use quinn_udp::UdpSocketState;
 
-use super::inbound::Inbound;
+use super::inbound::{self, Inbound};
 use super::tun_buf::{GroBuf, HeadPool, OFFSET, PACKET_BUF};
 use crate::udp_batch::{self, GSO_MAX_BYTES, RecvBatch};
 use tokio::net::UdpSocket;
@@ -441,6 +441,13 @@ async fn send_pipeline(ctx: Arc<Context>, shutdown: CancellationToken) {
             let mut pos = 0;
             for i in 0..n {
                 let packet = &bufs[i][OFFSET..OFFSET + sizes[i]];
+                // Only what is for the peer: the kernel also routes
+                // broadcasts and multicast (mDNS, SSDP, IGMP) into a TUN,
+                // which the peer would only drop, and count against us.
+                if !inbound::addressed_to(ctx.spec.peer_addr, packet) {
+                    trace!(len = packet.len(), "not for the peer; not sent");
+                    continue;
+                }
                 // The common case writes straight into the contiguous buffer.
                 let fits = packet.len() + 32 <= DATAGRAM_SLOT;
                 let dst: &mut [u8] = if fits {
@@ -651,7 +658,11 @@ fn open_datagram(
             if src != ctx.spec.peer_addr {
                 sh.stats.dropped_spoofed += 1;
                 debug!(%src, "dropped tunnel packet whose inner source is not the peer's address");
-            } else if !ctx.spec.inbound.admits(ctx.spec.own_addr, packet) {
+            } else if !ctx
+                .spec
+                .inbound
+                .admits(ctx.spec.own_addr, ctx.spec.peer_addr, packet)
+            {
                 sh.stats.dropped_not_admitted += 1;
                 not_admitted(sh.stats.dropped_not_admitted, packet);
             } else {
