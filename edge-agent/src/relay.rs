@@ -489,8 +489,8 @@ struct Run {
     closed: bool,
 }
 
-/// Sends a run of datagrams to the home-agent's flow socket.
-/// A datagram from a new client, refused: [`MAX_FLOWS`] are open.
+/// A datagram from a new client, refused: [`MAX_FLOWS`] are open and home
+/// has answered each.
 fn table_full(ctx: &RelayContext, port: u16) {
     let admitted = ctx
         .udp_table_full
@@ -502,12 +502,13 @@ fn table_full(ctx: &RelayContext, port: u16) {
             port,
             held_back,
             max = MAX_FLOWS,
-            "UDP datagrams from new clients refused: the edge's UDP flow table is full (a flood?); open flows go on, new ones start as old ones go idle"
+            "UDP datagrams from new clients refused: the edge's UDP flow table is full of flows home answers; open flows go on, new ones start as old ones go idle"
         ),
         None => trace!(port, "datagram refused: UDP flow table full"),
     }
 }
 
+/// Sends a run of datagrams to the home-agent's flow socket.
 async fn send_home(ctx: &RelayContext, run: &[u8], segment: usize) {
     let sent = udp_batch::send_run(
         &ctx.tunnel_udp,

@@ -5,7 +5,7 @@
 //! name only that id, so the edge alone decides where a reply goes. Flows
 //! expire after an idle period.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -14,6 +14,8 @@ pub struct Flow {
     pub public_port: u16,
     pub client: SocketAddr,
     last_seen: Instant,
+    /// Home has sent a datagram back on it.
+    answered: bool,
 }
 
 /// Flows open at once on all ports, at most. A flow costs little here, but
@@ -21,14 +23,18 @@ pub struct Flow {
 /// from a new source port (or a spoofed source): without a cap a flood
 /// would fill both machines' memory. Each client address playing or
 /// resolving at once is one flow, so this is far above what a home serves.
-pub const MAX_FLOWS: usize = 4096;
+/// When it is reached, a new client takes the place of the oldest flow
+/// that home never answered (as conntrack drops an unreplied entry early):
+/// a flood of spoofed sources fills the table with such flows, and would
+/// otherwise keep every new client out.
+pub const MAX_FLOWS: usize = skerry::flow::MAX_UDP_FLOWS;
 
 /// Why a new flow was not opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refused {
     /// The port's `max-conns` cap is reached.
     PortFull,
-    /// [`MAX_FLOWS`] are open.
+    /// [`MAX_FLOWS`] are open, and home has answered every one.
     TableFull,
 }
 
@@ -37,6 +43,9 @@ pub struct FlowTable {
     by_client: HashMap<(u16, SocketAddr), u32>,
     by_id: HashMap<u32, Flow>,
     per_port: HashMap<u16, usize>,
+    /// Flows home has not answered, oldest first (and flows since answered
+    /// or gone, skipped when met and pruned at each expiry).
+    unanswered: VecDeque<u32>,
     next_id: u32,
 }
 
@@ -65,7 +74,7 @@ impl FlowTable {
         {
             return Err(Refused::PortFull);
         }
-        if self.by_id.len() >= MAX_FLOWS {
+        if self.by_id.len() >= MAX_FLOWS && !self.drop_oldest_unanswered() {
             return Err(Refused::TableFull);
         }
         let id = self.fresh_id();
@@ -76,8 +85,10 @@ impl FlowTable {
                 public_port,
                 client,
                 last_seen: now,
+                answered: false,
             },
         );
+        self.unanswered.push_back(id);
         *self.per_port.entry(public_port).or_default() += 1;
         Ok(id)
     }
@@ -86,6 +97,7 @@ impl FlowTable {
     pub fn outbound(&mut self, id: u32, now: Instant) -> Option<Flow> {
         let f = self.by_id.get_mut(&id)?;
         f.last_seen = now;
+        f.answered = true;
         Some(*f)
     }
 
@@ -100,7 +112,22 @@ impl FlowTable {
         for id in &dead {
             self.remove(*id);
         }
+        let by_id = &self.by_id;
+        self.unanswered
+            .retain(|id| by_id.get(id).is_some_and(|f| !f.answered));
         dead.len()
+    }
+
+    /// Makes room by dropping the oldest flow home never answered; false
+    /// when home has answered every flow.
+    fn drop_oldest_unanswered(&mut self) -> bool {
+        while let Some(id) = self.unanswered.pop_front() {
+            if self.by_id.get(&id).is_some_and(|f| !f.answered) {
+                self.remove(id);
+                return true;
+            }
+        }
+        false
     }
 
     /// Drops every flow of a public port (the port was removed).
@@ -178,25 +205,54 @@ mod tests {
         assert!(t.outbound(a, t0).is_some());
     }
 
-    /// A flood from as many source ports fills the table and no more; the
-    /// flows already open go on, and room comes back as flows expire.
+    fn spoofed(i: usize) -> SocketAddr {
+        let i = u32::try_from(i).unwrap();
+        SocketAddr::from((std::net::Ipv4Addr::from(0x0a00_0000 + i), 4444))
+    }
+
+    /// A flood of spoofed sources (which home never answers) fills the
+    /// table; a new client still gets in, in the place of the oldest of
+    /// them, and an answered flow is never the one dropped.
     #[test]
-    fn a_flood_of_new_sources_is_capped() {
+    fn a_flood_of_new_sources_makes_room_for_real_clients() {
         let t0 = Instant::now();
         let mut t = FlowTable::new();
-        let first = t.inbound(27015, addr(1), None, t0).unwrap();
-        for port in 2..=u16::try_from(MAX_FLOWS).unwrap() {
-            t.inbound(27015, addr(port), None, t0 + Duration::from_secs(30))
-                .unwrap();
+        let player = t.inbound(27015, addr(1), None, t0).unwrap();
+        t.outbound(player, t0).unwrap();
+        for i in 0..MAX_FLOWS * 3 {
+            t.inbound(27015, spoofed(i), None, t0).unwrap();
         }
         assert_eq!(t.len(), MAX_FLOWS);
-        let late = addr(60000);
-        assert_eq!(t.inbound(53, late, None, t0), Err(Refused::TableFull));
-        assert_eq!(t.inbound(27015, addr(1), None, t0), Ok(first));
-        // The first flow goes idle; its room is the next one's.
-        t.expire(t0 + Duration::from_secs(61), Duration::from_secs(60));
+        let late = t.inbound(53, addr(2), None, t0).unwrap();
+        assert_eq!(t.len(), MAX_FLOWS);
+        assert_eq!(t.outbound(player, t0).unwrap().client, addr(1));
+        assert_eq!(t.outbound(late, t0).unwrap().client, addr(2));
+        // The oldest of the flood went first.
+        assert!(!t.by_client.contains_key(&(27015, spoofed(0))));
         assert!(
-            t.inbound(53, late, None, t0 + Duration::from_secs(61))
+            t.by_client
+                .contains_key(&(27015, spoofed(MAX_FLOWS * 3 - 1)))
+        );
+    }
+
+    /// Only when home has answered every flow is a new client refused; the
+    /// flows already open go on, and room comes back as flows idle out.
+    #[test]
+    fn a_table_of_answered_flows_refuses_until_one_idles_out() {
+        let t0 = Instant::now();
+        let mut t = FlowTable::new();
+        for i in 0..MAX_FLOWS {
+            let id = t.inbound(27015, spoofed(i), None, t0).unwrap();
+            t.outbound(id, t0 + Duration::from_secs(30)).unwrap();
+        }
+        let first = t.inbound(27015, spoofed(0), None, t0).unwrap();
+        t.outbound(first, t0).unwrap();
+        assert_eq!(t.inbound(53, addr(2), None, t0), Err(Refused::TableFull));
+        t.expire(t0 + Duration::from_secs(61), Duration::from_secs(60));
+        assert_eq!(t.len(), MAX_FLOWS - 1);
+        assert!(t.unanswered.is_empty());
+        assert!(
+            t.inbound(53, addr(2), None, t0 + Duration::from_secs(61))
                 .is_ok()
         );
     }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use skerry::dead_peer::DeadPeer;
 use skerry::flow::{
     DatagramHeader, FLOW_HEADER_WAIT, FlowHeader, MAX_DATAGRAM_HEADER_LEN, MAX_EARLY_DATA,
-    MAX_FLOW_HEADER_LEN,
+    MAX_FLOW_HEADER_LEN, MAX_UDP_FLOWS,
 };
 use skerry::portmap::{PortMap, Protocol};
 use skerry::udp_batch::{self, RecvBatch};
@@ -341,8 +341,18 @@ async fn to_target(
     if stale {
         flows.remove(&header.flow_id);
     }
+    let flow_count = flows.len();
     let flow = match flows.entry(header.flow_id) {
         Entry::Occupied(o) => o.into_mut(),
+        // The edge caps its flows; this bounds home's sockets should its
+        // idle time be longer than the edge's, or the edge misbehave.
+        Entry::Vacant(_) if flow_count >= 2 * MAX_UDP_FLOWS => {
+            debug!(
+                flow = header.flow_id,
+                "too many UDP flows open; datagram dropped"
+            );
+            return;
+        }
         Entry::Vacant(v) => match open_udp_flow(fwd, header, from, tunnel.clone(), started).await {
             Some(f) => v.insert(f),
             None => return,

@@ -45,6 +45,9 @@ pub const TCP_FLOW_PORT: u16 = 7001;
 /// Port on the home tunnel address that carries UDP datagrams (the edge
 /// sends them from its WireGuard port on its own tunnel address).
 pub const UDP_FLOW_PORT: u16 = 7002;
+/// UDP flows the edge keeps open at once (home allows twice as many, as
+/// its idle time may be longer than the edge's).
+pub const MAX_UDP_FLOWS: usize = 4096;
 pub const FLOW_VERSION: u8 = 1;
 /// A TCP flow whose bytes are framed, so that it can be reused.
 pub const FRAMED_FLOW_VERSION: u8 = 2;

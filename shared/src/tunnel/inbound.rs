@@ -45,6 +45,9 @@ impl Inbound {
         }
         match self {
             Inbound::ToSelf => true,
+            // The edge's kernel sends no IP options; source routing among
+            // them could reach further on a host that accepts it.
+            Inbound::FlowPorts if ip.len != 20 => false,
             Inbound::FlowPorts if ip.offset > 0 => matches!(ip.protocol, TCP | UDP),
             Inbound::FlowPorts => match ip.protocol {
                 TCP => ip
@@ -240,6 +243,15 @@ mod tests {
         let mut elsewhere_later = packet(UDP, Ipv4Addr::new(192, 168, 1, 10), 0);
         elsewhere_later[7] = 0xb9;
         assert!(!home.admits(HOME, EDGE, &elsewhere_later));
+    }
+
+    #[test]
+    fn home_refuses_ip_options() {
+        let mut with_options = packet(TCP, HOME, TCP_FLOW_PORT);
+        with_options[0] = 0x46;
+        with_options.splice(20..20, [0x83, 3, 4, 0]); // loose source route
+        assert!(!Inbound::FlowPorts.admits(HOME, EDGE, &with_options));
+        assert!(Inbound::ToSelf.admits(HOME, EDGE, &with_options));
     }
 
     #[test]
