@@ -309,6 +309,18 @@ async fn drive(
     }
 }
 
+/// Flows come through the tunnel only. The flow sockets are bound to the
+/// tunnel's address, but Linux delivers to a local address whatever
+/// interface a packet came in on, and loose reverse-path filtering (the
+/// Debian default) lets a host on the LAN send "from" the edge's tunnel
+/// address: a datagram with a client address and a PROXY header of its
+/// choosing. Bound to the TUN device, the sockets take nothing else.
+fn only_through_tunnel<S: std::os::fd::AsFd>(socket: &S, device: &str) {
+    if let Err(e) = socket2::SockRef::from(socket).bind_device(Some(device.as_bytes())) {
+        warn!(device, error = %e, "cannot bind the flow sockets to the tunnel device; a host on this network could pose as the edge to them");
+    }
+}
+
 /// Brings the tunnel and forwarders up on the first Welcome; on later ones
 /// only follows a change of the edge's key.
 async fn ensure_plane(
@@ -394,6 +406,8 @@ async fn ensure_plane(
         .context("setting TCP keepalive on the flow listener")?;
     let udp_flows = bind_flow_socket(SocketAddr::from((t.home(), UDP_FLOW_PORT)))
         .with_context(|| format!("binding the UDP flow socket {}:{UDP_FLOW_PORT}", t.home()))?;
+    only_through_tunnel(&tcp, &opts.tun_name);
+    only_through_tunnel(&udp_flows, &opts.tun_name);
     tokio::spawn(forward::tcp_flows(tcp, fwd.clone(), tasks.child_token()));
     tokio::spawn(forward::udp_flows(
         Arc::new(udp_flows),

@@ -74,3 +74,70 @@ fn a_compromised_edge_reaches_no_other_service_at_home() {
             .expect("a flow through the edge");
     });
 }
+
+/// A host on home's network (a guest's phone, an IoT device) cannot pose as
+/// the edge: a datagram "from" the edge's tunnel address to home's flow
+/// port, arriving over the LAN rather than the tunnel, reaches no target.
+/// Loose reverse-path filtering, Debian's default, would let it in.
+#[test]
+fn a_host_on_the_home_network_cannot_pose_as_the_edge() {
+    use skerry::flow::{DatagramHeader, UDP_FLOW_PORT};
+    use skerry::netns::{NetNs, Side, Veth};
+    skerry_tests::init_tracing();
+    const UDP_TARGET: &str = "127.0.0.1:8001";
+    let pair = Pair::start(&[&format!("udp/9001={UDP_TARGET}")]);
+    let home = &pair.topo.home;
+    let target = skerry_tests::udp_socket_in(home, UDP_TARGET.parse().unwrap());
+    let tunnel = TunnelAddrs::DEFAULT;
+
+    let lan = NetNs::create(&skerry_tests::unique("skt-lan")).unwrap();
+    let wire = Veth::create(Some(&lan), "eth-home", Some(home), "eth-lan").unwrap();
+    wire.add_addr(Side::A, "192.168.77.2/24").unwrap();
+    wire.add_addr(Side::B, "192.168.77.1/24").unwrap();
+    home.exec(
+        "sysctl",
+        &[
+            "-qw",
+            "net.ipv4.conf.all.rp_filter=2",
+            "net.ipv4.conf.eth-lan.rp_filter=2",
+        ],
+    )
+    .unwrap();
+    // The edge's tunnel address, on the LAN host; home's, routed via home.
+    lan.ip(&["addr", "add", &format!("{}/32", tunnel.edge()), "dev", "lo"])
+        .unwrap();
+    lan.ip(&[
+        "route",
+        "add",
+        &format!("{}/32", tunnel.home()),
+        "via",
+        "192.168.77.1",
+    ])
+    .unwrap();
+    let (edge_in_tunnel, home_in_tunnel) = (tunnel.edge(), tunnel.home());
+    run_in(&lan, move || async move {
+        let mut datagram = Vec::new();
+        DatagramHeader {
+            flow_id: 7,
+            public_port: 9001,
+            client: "203.0.113.9:4000".parse().unwrap(),
+        }
+        .encode(&mut datagram);
+        datagram.extend_from_slice(b"posing as the edge");
+        let sock = tokio::net::UdpSocket::bind((edge_in_tunnel, 0))
+            .await
+            .unwrap();
+        for _ in 0..3 {
+            sock.send_to(&datagram, (home_in_tunnel, UDP_FLOW_PORT))
+                .await
+                .unwrap();
+        }
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let mut buf = [0u8; 256];
+    match target.recv_from(&mut buf) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("a datagram from the LAN reached home's target: {other:?}"),
+    }
+    drop(wire);
+}
