@@ -17,7 +17,7 @@ use nix::sys::resource::{Resource, getrlimit, setrlimit};
 const CEILING: u64 = 1 << 20;
 
 /// Raises the soft limit on open files to the hard limit (at most
-/// [`CEILING`]); the soft limit now.
+/// 2^20); the soft limit now.
 pub fn raise() -> Result<u64, nix::Error> {
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
     let target = hard.min(CEILING).max(soft);

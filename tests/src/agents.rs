@@ -13,7 +13,7 @@ use skerry::dead_peer::DeadPeer;
 use skerry::pki::HomePki;
 use skerry::portmap::{PortMap, PortSpec};
 use skerry::protocol::PortsApplied;
-use skerry::tunnel::{TunnelAddrs, WireguardKey};
+use skerry::tunnel::{TunnelAddrs, TunnelHandle, WireguardKey};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -295,6 +295,15 @@ impl Pair {
     }
 
     /// The edge's WireGuard public key, as the home's tunnel has it.
+    /// Home's end of the tunnel, once up.
+    pub fn home_tunnel(&self) -> TunnelHandle {
+        self.status
+            .borrow()
+            .tunnel_handle
+            .clone()
+            .expect("the home-agent's tunnel is up")
+    }
+
     pub fn edge_wireguard_key(&self) -> [u8; 32] {
         self.status
             .borrow()

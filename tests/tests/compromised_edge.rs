@@ -51,12 +51,7 @@ fn a_compromised_edge_reaches_no_other_service_at_home() {
         sshd.accept().is_err(),
         "a connection from the edge waits at home"
     );
-    let tunnel = pair
-        .status
-        .borrow()
-        .tunnel_handle
-        .clone()
-        .expect("tunnel up");
+    let tunnel = pair.home_tunnel();
     skerry_tests::poll_until(Duration::from_secs(5), || {
         // The datagram, the SYN and at least one of its retransmissions.
         if tunnel.stats().dropped_not_admitted >= 3 {

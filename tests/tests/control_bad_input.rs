@@ -53,8 +53,7 @@ async fn attempt(ep: &quinn::Endpoint, edge: SocketAddr, bytes: &[u8]) -> Result
 #[test]
 fn hostile_control_clients_are_refused_and_the_real_session_carries_on() {
     skerry_tests::init_tracing();
-    let pair = Pair::start(&[&format!("tcp/9000={TCP_TARGET}")]);
-    let _svc = skerry_tests::tcp_digest_service(&pair.topo.home, TCP_TARGET.parse().unwrap());
+    let (pair, _svc) = pair_with_digest_service();
     let other_dir = std::env::temp_dir().join(unique("skerry-otherca"));
     let other = HomePki::load_or_create(&other_dir).expect("second CA");
     let ca = pair.pki.ca_cert().clone();
@@ -164,6 +163,21 @@ fn stream_ending_inside_a_frame_is_an_error() {
     });
 }
 
+/// A pair serving `tcp/9000` to a digest service at home.
+fn pair_with_digest_service() -> (Pair, skerry_tests::Background) {
+    let pair = Pair::start(&[&format!("tcp/9000={TCP_TARGET}")]);
+    let svc = skerry_tests::tcp_digest_service(&pair.topo.home, TCP_TARGET.parse().unwrap());
+    (pair, svc)
+}
+
+/// The real tunnel is undisturbed: a flow through the edge's public
+/// address `v4` carries a MiB both ways.
+async fn real_tunnel_carries_flows(v4: std::net::Ipv4Addr) {
+    tcp_digest_client(SocketAddr::from((v4, 9000)), 1 << 20, [9; 32])
+        .await
+        .expect("the real tunnel still carries flows");
+}
+
 /// A WireGuard end with a key of its own, aimed at the edge's public key.
 fn stranger(edge_key: [u8; 32]) -> boringtun::noise::Tunn {
     use boringtun::x25519::{PublicKey, StaticSecret};
@@ -181,8 +195,7 @@ fn stranger(edge_key: [u8; 32]) -> boringtun::noise::Tunn {
 fn wireguard_from_a_key_not_announced_is_ignored() {
     use boringtun::noise::TunnResult;
     skerry_tests::init_tracing();
-    let pair = Pair::start(&[&format!("tcp/9000={TCP_TARGET}")]);
-    let _svc = skerry_tests::tcp_digest_service(&pair.topo.home, TCP_TARGET.parse().unwrap());
+    let (pair, _svc) = pair_with_digest_service();
     let edge_key = pair.edge_wireguard_key();
     let v4 = pair.topo.edge_public_v4;
     run_in(&pair.topo.client, move || async move {
@@ -205,10 +218,7 @@ fn wireguard_from_a_key_not_announced_is_ignored() {
             answered.is_err(),
             "the edge answered a handshake from an unknown key"
         );
-        // The real tunnel is undisturbed.
-        tcp_digest_client(SocketAddr::from((v4, 9000)), 1 << 20, [9; 32])
-            .await
-            .expect("the real tunnel still carries flows");
+        real_tunnel_carries_flows(v4).await;
     });
 }
 
@@ -221,8 +231,7 @@ fn a_flood_of_stranger_handshakes_gets_cookies_not_the_tunnel() {
     use boringtun::noise::TunnResult;
     use tokio::io::AsyncWriteExt;
     skerry_tests::init_tracing();
-    let pair = Pair::start(&[&format!("tcp/9000={TCP_TARGET}")]);
-    let _svc = skerry_tests::tcp_digest_service(&pair.topo.home, TCP_TARGET.parse().unwrap());
+    let (pair, _svc) = pair_with_digest_service();
     let edge_key = pair.edge_wireguard_key();
     let v4 = pair.topo.edge_public_v4;
     run_in(&pair.topo.client, move || async move {
@@ -271,10 +280,7 @@ fn a_flood_of_stranger_handshakes_gets_cookies_not_the_tunnel() {
             "the stranger received tunnel datagrams (type, length): {other:?}"
         );
         drop(held);
-        // The real tunnel is undisturbed.
-        tcp_digest_client(SocketAddr::from((v4, 9000)), 1 << 20, [9; 32])
-            .await
-            .expect("the real tunnel still carries flows");
+        real_tunnel_carries_flows(v4).await;
     });
 }
 

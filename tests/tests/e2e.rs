@@ -304,12 +304,7 @@ fn an_unreadable_tun_packet_is_dropped_alone() {
             .await
             .expect("a 3500-byte datagram into the TUN");
     });
-    let tunnel = pair
-        .status
-        .borrow()
-        .tunnel_handle
-        .clone()
-        .expect("the tunnel is up");
+    let tunnel = pair.home_tunnel();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while tunnel.stats().dropped_unreadable == 0 {
         assert!(

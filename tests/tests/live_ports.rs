@@ -479,12 +479,7 @@ fn home_moving_to_a_new_address_keeps_flows_and_the_session() {
     // just before the first handshake), which would tell the edge the new
     // address too. Home has nothing unacknowledged either, so for 24 s
     // nothing of home's reaches the edge unless the edge asks for it.
-    let tunnel = pair
-        .status
-        .borrow()
-        .tunnel_handle
-        .clone()
-        .expect("tunnel up");
+    let tunnel = pair.home_tunnel();
     let keepalive = Duration::from_secs(HOME_KEEPALIVE_SECS.into());
     let flow_settled = Instant::now() + 2 * edge_agent::flow_pool::OPEN_TIMEOUT;
     let mut move_at =
