@@ -231,24 +231,29 @@ impl<T> PoolState<T> {
 pub struct FlowPool {
     home: SocketAddr,
     dead_peer: DeadPeer,
+    /// The TUN device the flows are bound to (see
+    /// [`skerry::tunnel::device::only_through`]); none where binding failed.
+    device: Option<String>,
     state: Mutex<PoolState<TcpStream>>,
     changed: Notify,
 }
 
 impl FlowPool {
-    pub fn new(home: SocketAddr, dead_peer: DeadPeer) -> Self {
-        Self::with_size(home, dead_peer, POOL_SIZE, POOLED_FLOW_MAX_IDLE)
+    pub fn new(home: SocketAddr, dead_peer: DeadPeer, device: Option<String>) -> Self {
+        Self::with_size(home, dead_peer, device, POOL_SIZE, POOLED_FLOW_MAX_IDLE)
     }
 
     pub fn with_size(
         home: SocketAddr,
         dead_peer: DeadPeer,
+        device: Option<String>,
         size: usize,
         max_idle: Duration,
     ) -> Self {
         FlowPool {
             home,
             dead_peer,
+            device,
             state: Mutex::new(PoolState::new(size, max_idle)),
             changed: Notify::new(),
         }
@@ -294,14 +299,17 @@ impl FlowPool {
             debug!("a pooled flow was closed by home; opening another");
         }
         let (session, framed) = self.state().current();
-        let stream = tokio::time::timeout(OPEN_TIMEOUT, open_flow(self.home, self.dead_peer))
-            .await
-            .map_err(|_| {
-                std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "home-agent did not take the flow",
-                )
-            })??;
+        let stream = tokio::time::timeout(
+            OPEN_TIMEOUT,
+            open_flow(self.home, self.dead_peer, self.device.as_deref()),
+        )
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "home-agent did not take the flow",
+            )
+        })??;
         Ok(Flow {
             stream,
             session,
@@ -365,7 +373,11 @@ impl FlowPool {
     }
 
     async fn open_one(self: Arc<Self>, session: u64) {
-        let result = tokio::time::timeout(OPEN_TIMEOUT, open_flow(self.home, self.dead_peer)).await;
+        let result = tokio::time::timeout(
+            OPEN_TIMEOUT,
+            open_flow(self.home, self.dead_peer, self.device.as_deref()),
+        )
+        .await;
         let now = Instant::now();
         match result {
             Ok(Ok(flow)) => {
@@ -397,8 +409,15 @@ pub struct Flow {
 }
 
 /// Opens a flow to home's flow port through the tunnel.
-async fn open_flow(home: SocketAddr, dead_peer: DeadPeer) -> std::io::Result<TcpStream> {
+async fn open_flow(
+    home: SocketAddr,
+    dead_peer: DeadPeer,
+    device: Option<&str>,
+) -> std::io::Result<TcpStream> {
     let socket = tokio::net::TcpSocket::new_v4()?;
+    if let Some(device) = device {
+        skerry::tunnel::device::only_through(&socket, device)?;
+    }
     // A home that is gone for good (its machine, or its link, for longer
     // than the probing) gives its flows up, pooled or carrying a
     // connection; a restarted one answers the first probe with a reset.
@@ -643,7 +662,8 @@ mod tests {
     }
 
     /// Real sockets on loopback: a pooled flow is handed out, one that the
-    /// far end closed is skipped, a new session closes the old flows.
+    /// far end closed is skipped, a new session closes the old flows. The
+    /// flows are bound to loopback's device, as the edge's are to its TUN.
     #[tokio::test]
     async fn the_pool_hands_out_open_flows_and_closes_old_ones() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -651,6 +671,7 @@ mod tests {
         let pool = Arc::new(FlowPool::with_size(
             home,
             DeadPeer::default(),
+            Some("lo".to_owned()),
             2,
             Duration::from_secs(60),
         ));

@@ -40,7 +40,7 @@ use socket2::{Domain, Socket, Type};
 use tokio::net::UdpSocket;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 pub use ports::Reserved;
 
@@ -90,7 +90,7 @@ fn check_time_wait_reuse() {
     const PATH: &str = "/proc/sys/net/ipv4/tcp_tw_reuse";
     match std::fs::read_to_string(PATH) {
         Ok(v) if v.trim() == "1" => {}
-        Ok(v) => tracing::warn!(
+        Ok(v) => warn!(
             "net.ipv4.tcp_tw_reuse is {}: this edge can open only about 470 new TCP flows a \
              second before the tunnel's ports run out (each waits 60 s in TIME_WAIT); \
              `sysctl -w net.ipv4.tcp_tw_reuse=1` (and a file in /etc/sysctl.d) lifts that, \
@@ -150,6 +150,16 @@ pub async fn run(opts: EdgeOptions, shutdown: CancellationToken) -> anyhow::Resu
     // port that is reserved anyway, so no public port is taken by it.
     let flow_socket = bind_reuse_v4(SocketAddrV4::new(tunnel.edge(), boot.wireguard_port))
         .context("binding the tunnel's UDP flow socket")?;
+    // Home's replies and flows come out of the tunnel only: a neighbour on
+    // the cloud's network could otherwise send them "from" home's tunnel
+    // address, to public clients by flow id.
+    let device = match device::only_through(&flow_socket, &opts.tun_name) {
+        Ok(()) => Some(opts.tun_name.clone()),
+        Err(e) => {
+            warn!(device = %opts.tun_name, error = %e, "cannot bind the flow sockets to the tunnel device (Linux 5.7 or CAP_NET_RAW needed); a neighbour on this network could pose as home to them");
+            None
+        }
+    };
     let ctx = Arc::new(
         relay::RelayContext::new(
             SocketAddr::from((tunnel.home(), TCP_FLOW_PORT)),
@@ -157,6 +167,7 @@ pub async fn run(opts: EdgeOptions, shutdown: CancellationToken) -> anyhow::Resu
             Arc::new(flow_socket),
             opts.udp_idle,
             opts.dead_peer,
+            device,
         )
         .context("setting up the tunnel's UDP flow socket")?,
     );

@@ -81,10 +81,11 @@ impl RelayContext {
         tunnel_udp: Arc<UdpSocket>,
         udp_idle: Duration,
         dead_peer: DeadPeer,
+        device: Option<String>,
     ) -> std::io::Result<Self> {
         let tunnel_udp_state = udp_batch::socket_state(&tunnel_udp)?;
         Ok(RelayContext {
-            pool: Arc::new(FlowPool::new(home_tcp, dead_peer)),
+            pool: Arc::new(FlowPool::new(home_tcp, dead_peer, device)),
             home_udp,
             tunnel_udp,
             tunnel_udp_state,

@@ -309,14 +309,11 @@ async fn drive(
     }
 }
 
-/// Flows come through the tunnel only. The flow sockets are bound to the
-/// tunnel's address, but Linux delivers to a local address whatever
-/// interface a packet came in on, and loose reverse-path filtering (the
-/// Debian default) lets a host on the LAN send "from" the edge's tunnel
-/// address: a datagram with a client address and a PROXY header of its
-/// choosing. Bound to the TUN device, the sockets take nothing else.
+/// Flows come through the tunnel only: otherwise a host on the LAN could
+/// send a datagram "from" the edge's tunnel address, with a client address
+/// and a PROXY header of its choosing (see [`device::only_through`]).
 fn only_through_tunnel<S: std::os::fd::AsFd>(socket: &S, device: &str) {
-    if let Err(e) = socket2::SockRef::from(socket).bind_device(Some(device.as_bytes())) {
+    if let Err(e) = device::only_through(socket, device) {
         warn!(device, error = %e, "cannot bind the flow sockets to the tunnel device; a host on this network could pose as the edge to them");
     }
 }

@@ -1,5 +1,6 @@
 //! What a compromised edge can reach at home: the flows it is there to
-//! carry, nothing else; it learns nothing about the home network.
+//! carry, nothing else; it learns nothing about the home network. And the
+//! tunnel's far end cannot be impersonated from either end's own network.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -135,4 +136,93 @@ fn a_host_on_the_home_network_cannot_pose_as_the_edge() {
         other => panic!("a datagram from the LAN reached home's target: {other:?}"),
     }
     drop(wire);
+}
+
+/// A neighbour of the edge on its public network (another droplet on the
+/// cloud's LAN, say) sends a UDP flow reply "from" home's tunnel address,
+/// with the flow ids the edge hands out in order. With loose reverse-path
+/// filtering (Debian's default) the edge's kernel takes it: the route back
+/// to that address exists, through the TUN. Unless the edge's tunnel
+/// sockets are bound to the TUN device, the public client gets the
+/// neighbour's payload as if home had sent it.
+#[test]
+fn a_neighbour_of_the_edge_cannot_pose_as_home() {
+    use skerry::bootstrap::DEFAULT_WIREGUARD_PORT;
+    use skerry::flow::{DatagramHeader, UDP_FLOW_PORT};
+    skerry_tests::init_tracing();
+    const UDP_TARGET: &str = "127.0.0.1:8001";
+    let pair = Pair::start(&[&format!("udp/9001={UDP_TARGET}")]);
+    let topo = &pair.topo;
+    // Home's target takes datagrams and never answers: whatever reaches
+    // the client comes from someone else.
+    let target = skerry_tests::udp_socket_in(&topo.home, UDP_TARGET.parse().unwrap());
+    let client = skerry_tests::udp_socket_in(&topo.client, SocketAddr::from((topo.client_v4, 0)));
+    let public = SocketAddr::from((topo.edge_public_v4, 9001));
+    let mut buf = [0u8; 256];
+    skerry_tests::poll_until(Duration::from_secs(10), || {
+        client
+            .send_to(b"hello", public)
+            .map_err(|e| e.to_string())?;
+        std::thread::sleep(Duration::from_millis(100));
+        match target.recv_from(&mut buf) {
+            Ok((n, _)) if &buf[..n] == b"hello" => Ok(()),
+            other => Err(format!(
+                "the client's datagram has not reached home: {other:?}"
+            )),
+        }
+    });
+
+    topo.edge
+        .exec(
+            "sysctl",
+            &[
+                "-qw",
+                "net.ipv4.conf.all.rp_filter=2",
+                "net.ipv4.conf.eth-client.rp_filter=2",
+            ],
+        )
+        .unwrap();
+    let tunnel = TunnelAddrs::DEFAULT;
+    let neighbour = &topo.client;
+    neighbour
+        .ip(&["addr", "add", &format!("{}/32", tunnel.home()), "dev", "lo"])
+        .unwrap();
+    neighbour
+        .ip(&[
+            "route",
+            "add",
+            &format!("{}/32", tunnel.edge()),
+            "via",
+            &topo.edge_public_v4.to_string(),
+        ])
+        .unwrap();
+    let (edge_in_tunnel, home_in_tunnel) = (tunnel.edge(), tunnel.home());
+    let client_addr = client.local_addr().unwrap();
+    run_in(neighbour, move || async move {
+        let sock = tokio::net::UdpSocket::bind((home_in_tunnel, UDP_FLOW_PORT))
+            .await
+            .unwrap();
+        for flow_id in 0..64 {
+            let mut datagram = Vec::new();
+            DatagramHeader {
+                flow_id,
+                public_port: 9001,
+                client: client_addr,
+            }
+            .encode(&mut datagram);
+            datagram.extend_from_slice(b"posing as home");
+            sock.send_to(&datagram, (edge_in_tunnel, DEFAULT_WIREGUARD_PORT))
+                .await
+                .unwrap();
+        }
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    match client.recv_from(&mut buf) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        Ok((n, from)) => panic!(
+            "the public client got {:?} from {from}, sent by the edge's neighbour",
+            String::from_utf8_lossy(&buf[..n])
+        ),
+        Err(e) => panic!("the client's socket failed: {e}"),
+    }
 }

@@ -156,6 +156,19 @@ pub async fn create(
     result.map(|()| dev)
 }
 
+/// Binds a socket that talks to the tunnel's far end to the TUN device
+/// `name`. Bound only to its tunnel address, a socket takes whatever
+/// reaches that address: Linux delivers to a local address whatever
+/// interface a packet came in on, and loose reverse-path filtering (the
+/// Debian default) lets a host on a neighbouring network send "from" the
+/// far end's tunnel address, whose route goes through the TUN. Bound to the
+/// device, the socket takes only what came out of the tunnel, which admits
+/// only what the far end's key sealed. Since Linux 5.7 a socket not yet
+/// bound to a device needs no `CAP_NET_RAW` for it.
+pub fn only_through<S: std::os::fd::AsFd>(socket: &S, name: &str) -> std::io::Result<()> {
+    socket2::SockRef::from(socket).bind_device(Some(name.as_bytes()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
