@@ -697,9 +697,11 @@ mod tests {
         let mut got = [0u8; 5];
         a.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"hello", "the open flow was handed out");
-        // The pool refills; a new session closes what it held.
+        // The pool refills; a new session closes what it held. Which flow
+        // was handed out depends on which connect finished last: if it was
+        // `a`, the closed `b` still counts as pooled (found closed when
+        // taken, or aged out), and one flow refills, not two.
         let (mut c, _) = listener.accept().await.unwrap();
-        let (_d, _) = listener.accept().await.unwrap();
         while pool.idle() < 2 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
