@@ -37,6 +37,118 @@ pub enum DeviceError {
         other_if: String,
         other: String,
     },
+    #[error(
+        "the tunnel's subnet {subnet} is routed elsewhere here ({route}): choose other tunnel \
+         addresses (--tunnel-edge, --tunnel-home, --tunnel-prefix; for an edge you run, in \
+         edge-bootstrap)"
+    )]
+    SubnetRouted { subnet: String, route: String },
+}
+
+/// A route of the main table for part of the address space, as the
+/// tunnel's subnet is checked against it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct HostRoute {
+    dst: Ipv4Addr,
+    prefix_len: u8,
+    /// `dev eth0`, `via 192.168.1.1 dev eth0`, `blackhole`: for messages.
+    target: String,
+}
+
+impl std::fmt::Display for HostRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{} {}", self.dst, self.prefix_len, self.target)
+    }
+}
+
+/// What the host's routes leave of the tunnel's subnet. A route as narrow
+/// as the subnet or narrower that overlaps it (a VPN's or a CNI's) would
+/// fight the tunnel's own route for the far end's address: refused. A
+/// wider one (a VPN's 10.0.0.0/8) only loses the subnet's few addresses to
+/// the tunnel: returned, to be warned about. The default route is neither.
+fn check_routes(
+    addr: Ipv4Addr,
+    prefix_len: u8,
+    routes: &[HostRoute],
+) -> Result<Option<&HostRoute>, DeviceError> {
+    let mut wider = None;
+    for route in routes.iter().filter(|r| r.prefix_len > 0) {
+        let shorter = prefix_mask(prefix_len.min(route.prefix_len));
+        if u32::from(addr) & shorter != u32::from(route.dst) & shorter {
+            continue;
+        }
+        if route.prefix_len >= prefix_len {
+            let net = Ipv4Addr::from(u32::from(addr) & prefix_mask(prefix_len));
+            return Err(DeviceError::SubnetRouted {
+                subnet: format!("{net}/{prefix_len}"),
+                route: route.to_string(),
+            });
+        }
+        wider.get_or_insert(route);
+    }
+    Ok(wider)
+}
+
+/// The main table's IPv4 routes that send somewhere, other than those of
+/// the device `name` (a stale one of ours).
+async fn host_routes(
+    handle: &rtnetlink::Handle,
+    name: &str,
+) -> Result<Vec<HostRoute>, rtnetlink::Error> {
+    use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteType};
+    let own = nix::net::if_::if_nametoindex(name).ok();
+    let mut dump = handle
+        .route()
+        .get(rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute();
+    let mut routes = Vec::new();
+    while let Some(msg) = dump.try_next().await? {
+        let (mut table, mut dst, mut oif, mut gateway) = (
+            u32::from(msg.header.table),
+            Ipv4Addr::UNSPECIFIED,
+            None,
+            None,
+        );
+        for attr in &msg.attributes {
+            match attr {
+                RouteAttribute::Table(t) => table = *t,
+                RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = *a,
+                RouteAttribute::Oif(i) => oif = Some(*i),
+                RouteAttribute::Gateway(RouteAddress::Inet(g)) => gateway = Some(*g),
+                _ => {}
+            }
+        }
+        let kind = msg.header.kind;
+        if table != u32::from(RouteHeader::RT_TABLE_MAIN)
+            || !matches!(
+                kind,
+                RouteType::Unicast
+                    | RouteType::BlackHole
+                    | RouteType::Unreachable
+                    | RouteType::Prohibit
+            )
+            || (oif.is_some() && oif == own)
+        {
+            continue;
+        }
+        let dev = oif.map(|i| {
+            nix::net::if_::if_indextoname(i)
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| format!("#{i}"))
+        });
+        let target = match (kind, gateway, dev) {
+            (RouteType::Unicast, Some(g), Some(d)) => format!("via {g} dev {d}"),
+            (RouteType::Unicast, Some(g), None) => format!("via {g}"),
+            (RouteType::Unicast, None, Some(d)) => format!("dev {d}"),
+            (other, _, _) => format!("{other:?}").to_lowercase(),
+        };
+        routes.push(HostRoute {
+            dst,
+            prefix_len: msg.header.destination_prefix_length,
+            target,
+        });
+    }
+    Ok(routes)
 }
 
 /// Refuses a tunnel subnet that overlaps an address another interface here
@@ -81,18 +193,6 @@ pub async fn create(
     mtu: u16,
 ) -> Result<AsyncDevice, DeviceError> {
     check_subnet_free(name, addr, prefix_len)?;
-    let dev = DeviceBuilder::new()
-        .name(name)
-        .mtu(mtu)
-        .tx_queue_len(TX_QUEUE_LEN)
-        .offload(true)
-        // Brought up below, once IPv6 addresses are off.
-        .enable(false)
-        .build_async()
-        .map_err(|source| DeviceError::Create {
-            name: name.to_owned(),
-            source,
-        })?;
     let configure = |e: rtnetlink::Error| DeviceError::Configure {
         name: name.to_owned(),
         reason: e.to_string(),
@@ -100,6 +200,33 @@ pub async fn create(
     let (conn, handle, _) = rtnetlink::new_connection().map_err(DeviceError::Netlink)?;
     let conn = tokio::spawn(conn);
     let result = async {
+        match host_routes(&handle, name).await {
+            Ok(routes) => {
+                if let Some(wider) = check_routes(addr, prefix_len, &routes)? {
+                    tracing::warn!(
+                        device = name,
+                        route = %wider,
+                        "the tunnel's subnet lies inside a route of this host: its addresses there \
+                         are out of reach from here while the tunnel is up; if anything uses them, \
+                         choose other tunnel addresses"
+                    );
+                }
+            }
+            // Cannot tell: the tunnel is made as before the check.
+            Err(e) => tracing::debug!(error = %e, "could not list the routes"),
+        }
+        let dev = DeviceBuilder::new()
+            .name(name)
+            .mtu(mtu)
+            .tx_queue_len(TX_QUEUE_LEN)
+            .offload(true)
+            // Brought up below, once IPv6 addresses are off.
+            .enable(false)
+            .build_async()
+            .map_err(|source| DeviceError::Create {
+                name: name.to_owned(),
+                source,
+            })?;
         let link = handle
             .link()
             .get()
@@ -149,11 +276,11 @@ pub async fn create(
             .execute()
             .await
             .map_err(configure)?;
-        Ok(())
+        Ok(dev)
     }
     .await;
     conn.abort();
-    result.map(|()| dev)
+    result
 }
 
 /// Binds a socket that talks to the tunnel's far end to the TUN device
@@ -172,6 +299,47 @@ pub fn only_through<S: std::os::fd::AsFd>(socket: &S, name: &str) -> std::io::Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn route(dst: [u8; 4], prefix_len: u8) -> HostRoute {
+        HostRoute {
+            dst: dst.into(),
+            prefix_len,
+            target: "dev wg0".to_owned(),
+        }
+    }
+
+    #[test]
+    fn routes_narrower_than_the_subnet_are_refused_wider_ones_reported() {
+        let tunnel = Ipv4Addr::new(10, 77, 0, 1);
+        let unrelated = [route([0, 0, 0, 0], 0), route([192, 168, 1, 0], 24)];
+        assert_eq!(check_routes(tunnel, 30, &unrelated).unwrap(), None);
+        // The same subnet, or a host route for the far end.
+        for taken in [route([10, 77, 0, 0], 30), route([10, 77, 0, 2], 32)] {
+            match check_routes(tunnel, 30, &[route([0, 0, 0, 0], 0), taken.clone()]) {
+                Err(DeviceError::SubnetRouted { subnet, route }) => {
+                    assert_eq!(subnet, "10.77.0.0/30");
+                    assert_eq!(route, taken.to_string());
+                }
+                other => panic!("{taken} overlaps 10.77.0.0/30: {other:?}"),
+            }
+        }
+        // Next to the subnet, not in it.
+        assert_eq!(
+            check_routes(tunnel, 30, &[route([10, 77, 0, 4], 30)]).unwrap(),
+            None
+        );
+        // A VPN's 10.0.0.0/8 loses four addresses to the tunnel: told.
+        let vpn = route([10, 0, 0, 0], 8);
+        assert_eq!(
+            check_routes(tunnel, 30, std::slice::from_ref(&vpn)).unwrap(),
+            Some(&vpn)
+        );
+        // A wide tunnel subnet over a narrow route is refused.
+        assert!(matches!(
+            check_routes(tunnel, 16, &[route([10, 77, 9, 0], 24)]),
+            Err(DeviceError::SubnetRouted { .. })
+        ));
+    }
 
     #[test]
     fn a_subnet_overlapping_an_address_here_is_refused() {
