@@ -663,7 +663,8 @@ mod tests {
 
     /// Real sockets on loopback: a pooled flow is handed out, one that the
     /// far end closed is skipped, a new session closes the old flows. The
-    /// flows are bound to loopback's device, as the edge's are to its TUN.
+    /// flows are bound to a device (loopback's here, the TUN on the edge),
+    /// which leaves their connects working.
     #[tokio::test]
     async fn the_pool_hands_out_open_flows_and_closes_old_ones() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -40,7 +40,7 @@ use socket2::{Domain, Socket, Type};
 use tokio::net::UdpSocket;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 pub use ports::Reserved;
 
@@ -90,7 +90,7 @@ fn check_time_wait_reuse() {
     const PATH: &str = "/proc/sys/net/ipv4/tcp_tw_reuse";
     match std::fs::read_to_string(PATH) {
         Ok(v) if v.trim() == "1" => {}
-        Ok(v) => warn!(
+        Ok(v) => tracing::warn!(
             "net.ipv4.tcp_tw_reuse is {}: this edge can open only about 470 new TCP flows a \
              second before the tunnel's ports run out (each waits 60 s in TIME_WAIT); \
              `sysctl -w net.ipv4.tcp_tw_reuse=1` (and a file in /etc/sysctl.d) lifts that, \
@@ -123,6 +123,7 @@ pub async fn run(opts: EdgeOptions, shutdown: CancellationToken) -> anyhow::Resu
     let tun = device::create(
         &opts.tun_name,
         tunnel.edge(),
+        tunnel.home(),
         tunnel.prefix_len(),
         DEFAULT_MTU,
     )
@@ -153,13 +154,8 @@ pub async fn run(opts: EdgeOptions, shutdown: CancellationToken) -> anyhow::Resu
     // Home's replies and flows come out of the tunnel only: a neighbour on
     // the cloud's network could otherwise send them "from" home's tunnel
     // address, to public clients by flow id.
-    let device = match device::only_through(&flow_socket, &opts.tun_name) {
-        Ok(()) => Some(opts.tun_name.clone()),
-        Err(e) => {
-            warn!(device = %opts.tun_name, error = %e, "cannot bind the flow sockets to the tunnel device (Linux 5.7 or CAP_NET_RAW needed); a neighbour on this network could pose as home to them");
-            None
-        }
-    };
+    let device = device::only_through_or_warn(&flow_socket, &opts.tun_name, "home")
+        .then(|| opts.tun_name.clone());
     let ctx = Arc::new(
         relay::RelayContext::new(
             SocketAddr::from((tunnel.home(), TCP_FLOW_PORT)),

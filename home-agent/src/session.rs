@@ -309,15 +309,6 @@ async fn drive(
     }
 }
 
-/// Flows come through the tunnel only: otherwise a host on the LAN could
-/// send a datagram "from" the edge's tunnel address, with a client address
-/// and a PROXY header of its choosing (see [`device::only_through`]).
-fn only_through_tunnel<S: std::os::fd::AsFd>(socket: &S, device: &str) {
-    if let Err(e) = device::only_through(socket, device) {
-        warn!(device, error = %e, "cannot bind the flow sockets to the tunnel device; a host on this network could pose as the edge to them");
-    }
-}
-
 /// Brings the tunnel and forwarders up on the first Welcome; on later ones
 /// only follows a change of the edge's key.
 async fn ensure_plane(
@@ -363,7 +354,14 @@ async fn ensure_plane(
     // next attempt creates again.
     let tasks = shutdown.child_token();
     let stop_tasks = tasks.clone().drop_guard();
-    let tun = device::create(&opts.tun_name, t.home(), t.prefix_len(), DEFAULT_MTU).await?;
+    let tun = device::create(
+        &opts.tun_name,
+        t.home(),
+        t.edge(),
+        t.prefix_len(),
+        DEFAULT_MTU,
+    )
+    .await?;
     let udp = bind_tunnel_socket(opts.edge).context("binding the tunnel's UDP socket")?;
     let tunnel = driver::spawn(
         tun,
@@ -403,8 +401,11 @@ async fn ensure_plane(
         .context("setting TCP keepalive on the flow listener")?;
     let udp_flows = bind_flow_socket(SocketAddr::from((t.home(), UDP_FLOW_PORT)))
         .with_context(|| format!("binding the UDP flow socket {}:{UDP_FLOW_PORT}", t.home()))?;
-    only_through_tunnel(&tcp, &opts.tun_name);
-    only_through_tunnel(&udp_flows, &opts.tun_name);
+    // Flows come through the tunnel only: otherwise a host on the LAN could
+    // send a datagram "from" the edge's tunnel address, with a client
+    // address and a PROXY header of its choosing.
+    device::only_through_or_warn(&tcp, &opts.tun_name, "the edge");
+    device::only_through_or_warn(&udp_flows, &opts.tun_name, "the edge");
     tokio::spawn(forward::tcp_flows(tcp, fwd.clone(), tasks.child_token()));
     tokio::spawn(forward::udp_flows(
         Arc::new(udp_flows),

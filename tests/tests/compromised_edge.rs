@@ -225,4 +225,24 @@ fn a_neighbour_of_the_edge_cannot_pose_as_home() {
         ),
         Err(e) => panic!("the client's socket failed: {e}"),
     }
+
+    // The in-tunnel TCP flows too (a spoofed segment would need their
+    // sequence numbers, which no test here can guess): `ss` shows a socket
+    // bound to a device as address%device.
+    pair.wait_for_pooled_flows();
+    let tun = format!("%{}", edge_agent::DEFAULT_TUN_NAME);
+    let flows = skerry_tests::ss(
+        &topo.edge,
+        &[
+            "-Htn",
+            "state",
+            "established",
+            "dst",
+            &home_in_tunnel.to_string(),
+        ],
+    );
+    assert!(
+        flows.lines().count() > 0 && flows.lines().all(|l| l.contains(&tun)),
+        "the edge's in-tunnel TCP flows are not all bound to {tun}:\n{flows}"
+    );
 }

@@ -38,11 +38,16 @@ pub enum DeviceError {
         other: String,
     },
     #[error(
-        "the tunnel's subnet {subnet} is routed elsewhere here ({route}): choose other tunnel \
-         addresses (--tunnel-edge, --tunnel-home, --tunnel-prefix; for an edge you run, in \
-         edge-bootstrap)"
+        "the tunnel's subnet {subnet} is routed elsewhere here ({route}): remove that route, or \
+         choose other tunnel addresses (--tunnel-edge, --tunnel-home, --tunnel-prefix; for an \
+         edge you run, in edge-bootstrap)"
     )]
     SubnetRouted { subnet: String, route: String },
+    #[error(
+        "the TUN device {name} is in use by another process (another agent with the same \
+         --name?): stop it, or give this agent another name"
+    )]
+    InUse { name: String },
 }
 
 /// A route of the main table for part of the address space, as the
@@ -89,13 +94,68 @@ fn check_routes(
     Ok(wider)
 }
 
+/// A route as netlink describes it, with what the checks need.
+struct ReadRoute {
+    table: u32,
+    kind: rtnetlink::packet_route::route::RouteType,
+    oif: Option<u32>,
+    route: HostRoute,
+}
+
+fn read_route(msg: &rtnetlink::packet_route::route::RouteMessage) -> ReadRoute {
+    use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteType};
+    let (mut table, mut dst, mut oif, mut gateway, mut multipath) = (
+        u32::from(msg.header.table),
+        Ipv4Addr::UNSPECIFIED,
+        None,
+        None,
+        false,
+    );
+    for attr in &msg.attributes {
+        match attr {
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = *a,
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::Gateway(RouteAddress::Inet(g)) => gateway = Some(*g),
+            RouteAttribute::MultiPath(_) => multipath = true,
+            _ => {}
+        }
+    }
+    let kind = msg.header.kind;
+    let dev = oif.map(|i| {
+        nix::net::if_::if_indextoname(i)
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| format!("#{i}"))
+    });
+    let mut target = match (kind, gateway, dev) {
+        (RouteType::Unicast, _, _) if multipath => "multipath".to_owned(),
+        (RouteType::Unicast, Some(g), Some(d)) => format!("via {g} dev {d}"),
+        (RouteType::Unicast, Some(g), None) => format!("via {g}"),
+        (RouteType::Unicast, None, Some(d)) => format!("dev {d}"),
+        (other, _, _) => format!("{other:?}").to_lowercase(),
+    };
+    if table != u32::from(RouteHeader::RT_TABLE_MAIN) {
+        target.push_str(&format!(" table {table}"));
+    }
+    ReadRoute {
+        table,
+        kind,
+        oif,
+        route: HostRoute {
+            dst,
+            prefix_len: msg.header.destination_prefix_length,
+            target,
+        },
+    }
+}
+
 /// The main table's IPv4 routes that send somewhere, other than those of
 /// the device `name` (a stale one of ours).
 async fn host_routes(
     handle: &rtnetlink::Handle,
     name: &str,
 ) -> Result<Vec<HostRoute>, rtnetlink::Error> {
-    use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteType};
+    use rtnetlink::packet_route::route::{RouteHeader, RouteType};
     let own = nix::net::if_::if_nametoindex(name).ok();
     let mut dump = handle
         .route()
@@ -103,52 +163,51 @@ async fn host_routes(
         .execute();
     let mut routes = Vec::new();
     while let Some(msg) = dump.try_next().await? {
-        let (mut table, mut dst, mut oif, mut gateway) = (
-            u32::from(msg.header.table),
-            Ipv4Addr::UNSPECIFIED,
-            None,
-            None,
-        );
-        for attr in &msg.attributes {
-            match attr {
-                RouteAttribute::Table(t) => table = *t,
-                RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = *a,
-                RouteAttribute::Oif(i) => oif = Some(*i),
-                RouteAttribute::Gateway(RouteAddress::Inet(g)) => gateway = Some(*g),
-                _ => {}
-            }
-        }
-        let kind = msg.header.kind;
-        if table != u32::from(RouteHeader::RT_TABLE_MAIN)
-            || !matches!(
-                kind,
+        let r = read_route(&msg);
+        if r.table == u32::from(RouteHeader::RT_TABLE_MAIN)
+            && matches!(
+                r.kind,
                 RouteType::Unicast
                     | RouteType::BlackHole
                     | RouteType::Unreachable
                     | RouteType::Prohibit
             )
-            || (oif.is_some() && oif == own)
+            && (r.oif.is_none() || r.oif != own)
         {
-            continue;
+            routes.push(r.route);
         }
-        let dev = oif.map(|i| {
-            nix::net::if_::if_indextoname(i)
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|_| format!("#{i}"))
-        });
-        let target = match (kind, gateway, dev) {
-            (RouteType::Unicast, Some(g), Some(d)) => format!("via {g} dev {d}"),
-            (RouteType::Unicast, Some(g), None) => format!("via {g}"),
-            (RouteType::Unicast, None, Some(d)) => format!("dev {d}"),
-            (other, _, _) => format!("{other:?}").to_lowercase(),
-        };
-        routes.push(HostRoute {
-            dst,
-            prefix_len: msg.header.destination_prefix_length,
-            target,
-        });
     }
     Ok(routes)
+}
+
+/// The route the kernel takes to `peer`, all rules and tables applied, if
+/// it leaves by another device than `index`: a policy rule ahead of the
+/// main table (Tailscale's, a VPN's) can take the far end's address
+/// whatever the main table says, and the tunnel would carry nothing.
+async fn route_elsewhere(
+    handle: &rtnetlink::Handle,
+    peer: Ipv4Addr,
+    index: u32,
+) -> Result<Option<HostRoute>, rtnetlink::Error> {
+    use rtnetlink::packet_route::route::{RouteAttribute, RouteFlags, RouteHeader};
+    let mut query = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(peer, 32)
+        .build();
+    // The route as configured (its prefix and, as `ip route get` asks,
+    // the table it was found in), not the cached result for one address:
+    // what the user can find and remove.
+    query.header.flags |= RouteFlags::FibMatch | RouteFlags::LookupTable;
+    // No table: the builder names the main one, and a lookup in a named
+    // table skips the rules, which are the point here.
+    query.header.table = RouteHeader::RT_TABLE_UNSPEC;
+    query
+        .attributes
+        .retain(|a| !matches!(a, RouteAttribute::Table(_)));
+    let Some(msg) = handle.route().get(query).execute().try_next().await? else {
+        return Ok(None);
+    };
+    let r = read_route(&msg);
+    Ok((r.oif != Some(index)).then_some(r.route))
 }
 
 /// Refuses a tunnel subnet that overlaps an address another interface here
@@ -185,10 +244,12 @@ fn check_subnet_free(name: &str, addr: Ipv4Addr, prefix_len: u8) -> Result<(), D
 }
 
 /// Creates the TUN device `name` with `addr/prefix_len`, sets its MTU and
-/// brings it up. The device lives as long as the returned handle.
+/// brings it up, and checks that the kernel sends the far end's address
+/// `peer` through it. The device lives as long as the returned handle.
 pub async fn create(
     name: &str,
     addr: Ipv4Addr,
+    peer: Ipv4Addr,
     prefix_len: u8,
     mtu: u16,
 ) -> Result<AsyncDevice, DeviceError> {
@@ -212,8 +273,11 @@ pub async fn create(
                     );
                 }
             }
-            // Cannot tell: the tunnel is made as before the check.
-            Err(e) => tracing::debug!(error = %e, "could not list the routes"),
+            Err(e) => tracing::warn!(
+                device = name,
+                error = %e,
+                "could not list this host's routes; the tunnel's subnet was not checked against them"
+            ),
         }
         let dev = DeviceBuilder::new()
             .name(name)
@@ -223,9 +287,17 @@ pub async fn create(
             // Brought up below, once IPv6 addresses are off.
             .enable(false)
             .build_async()
-            .map_err(|source| DeviceError::Create {
-                name: name.to_owned(),
-                source,
+            .map_err(|source| {
+                if source.raw_os_error() == Some(nix::libc::EBUSY) {
+                    DeviceError::InUse {
+                        name: name.to_owned(),
+                    }
+                } else {
+                    DeviceError::Create {
+                        name: name.to_owned(),
+                        source,
+                    }
+                }
             })?;
         let link = handle
             .link()
@@ -276,6 +348,21 @@ pub async fn create(
             .execute()
             .await
             .map_err(configure)?;
+        match route_elsewhere(&handle, peer, index).await {
+            Ok(Some(route)) => {
+                let net = Ipv4Addr::from(u32::from(addr) & prefix_mask(prefix_len));
+                return Err(DeviceError::SubnetRouted {
+                    subnet: format!("{net}/{prefix_len}"),
+                    route: route.to_string(),
+                });
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(
+                device = name,
+                error = %e,
+                "could not ask the kernel how it routes the tunnel's far end"
+            ),
+        }
         Ok(dev)
     }
     .await;
@@ -294,6 +381,23 @@ pub async fn create(
 /// bound to a device needs no `CAP_NET_RAW` for it.
 pub fn only_through<S: std::os::fd::AsFd>(socket: &S, name: &str) -> std::io::Result<()> {
     socket2::SockRef::from(socket).bind_device(Some(name.as_bytes()))
+}
+
+/// [`only_through`] for an agent's flow sockets, or a warning that says
+/// what stays open (`far_end`: who could be posed as). Whether it bound.
+pub fn only_through_or_warn<S: std::os::fd::AsFd>(socket: &S, name: &str, far_end: &str) -> bool {
+    match only_through(socket, name) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(
+                device = name,
+                error = %e,
+                "cannot bind the flow sockets to the tunnel device (Linux 5.7 and later allow it): \
+                 a host on a network of this one could pose as {far_end} to them"
+            );
+            false
+        }
+    }
 }
 
 #[cfg(test)]
