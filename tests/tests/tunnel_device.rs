@@ -25,7 +25,7 @@ fn create_in(ns: &NetNs) -> Result<(), DeviceError> {
 
 fn assert_refused(result: Result<(), DeviceError>, route: &str) {
     match result {
-        Err(e @ DeviceError::SubnetRouted { .. }) => {
+        Err(e @ (DeviceError::SubnetRouted { .. } | DeviceError::PeerRoutedByRule { .. })) => {
             let message = e.to_string();
             assert!(
                 message.contains(route) && message.contains("--tunnel-home"),
@@ -82,8 +82,36 @@ fn the_tunnel_subnet_is_checked_against_the_routes_here() {
         .unwrap();
     ns.ip(&["route", "add", "10.99.0.0/16", "dev", "lo", "table", "52"])
         .unwrap();
-    assert_refused(create_in(&ns), "dev lo table 52");
+    let by_rule = create_in(&ns);
+    assert!(
+        matches!(by_rule, Err(DeviceError::PeerRoutedByRule { .. })),
+        "the refusal points at the policy rule: {by_rule:?}"
+    );
+    assert_refused(by_rule, "dev lo table 52");
     ns.ip(&["rule", "del", "pref", "5270"]).unwrap();
+
+    // A rule that drops what goes from the tunnel's address.
+    ns.ip(&[
+        "rule",
+        "add",
+        "pref",
+        "5271",
+        "from",
+        "10.99.7.1",
+        "prohibit",
+    ])
+    .unwrap();
+    match create_in(&ns) {
+        Err(e @ DeviceError::PeerDropped { .. }) => {
+            let message = e.to_string();
+            assert!(
+                message.contains("ip route get 10.99.7.2 from 10.99.7.1"),
+                "the error says how to find the rule: {message}"
+            );
+        }
+        other => panic!("a prohibit rule for the tunnel's traffic, yet: {other:?}"),
+    }
+    ns.ip(&["rule", "del", "pref", "5271"]).unwrap();
 
     ns.ip(&["route", "add", "blackhole", "10.99.7.2/32"])
         .unwrap();

@@ -94,7 +94,7 @@ fn a_flood_of_udp_sources_leaves_room_for_a_real_client() {
     );
 
     // Both floods below the ephemeral range (32768 up), where the real
-    // client's port is; a fifth more than the table holds, for datagrams
+    // client's port is; a quarter more than the table holds, for datagrams
     // dropped on the way.
     flood(&pair, 20_000, MAX_UDP_FLOWS + 1000);
     let from = real_exchange(&pair, &client, &target, "real 1");

@@ -44,11 +44,34 @@ pub enum DeviceError {
     )]
     SubnetRouted { subnet: String, route: String },
     #[error(
-        "the TUN device {name} is in use by another process (another agent with the same \
-         --name?): stop it, or give this agent another name"
+        "the kernel sends the tunnel's far end {peer} by {route}, through a policy rule ahead of \
+         the main table (see `ip rule`): add `ip rule add to {subnet} lookup main` with a \
+         preference below that rule's, remove the route, or choose other tunnel addresses \
+         (--tunnel-edge, --tunnel-home, --tunnel-prefix; for an edge you run, in edge-bootstrap)"
+    )]
+    PeerRoutedByRule {
+        peer: Ipv4Addr,
+        subnet: String,
+        route: String,
+    },
+    #[error(
+        "the kernel drops traffic to the tunnel's far end {peer} ({reason}): a prohibit, \
+         unreachable or blackhole rule or route takes it (`ip route get {peer} from {own}` shows \
+         which); remove it, or choose other tunnel addresses"
+    )]
+    PeerDropped {
+        peer: Ipv4Addr,
+        own: Ipv4Addr,
+        reason: std::io::Error,
+    },
+    #[error(
+        "the TUN device {name} is held by another process (an agent with the same device name: \
+         edge-agent --tun-name, home-agent --name): stop it, or give this one another name"
     )]
     InUse { name: String },
 }
+
+const MAIN_TABLE: u8 = rtnetlink::packet_route::route::RouteHeader::RT_TABLE_MAIN;
 
 /// A route of the main table for part of the address space, as the
 /// tunnel's subnet is checked against it.
@@ -103,7 +126,7 @@ struct ReadRoute {
 }
 
 fn read_route(msg: &rtnetlink::packet_route::route::RouteMessage) -> ReadRoute {
-    use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteType};
+    use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteType};
     let (mut table, mut dst, mut oif, mut gateway, mut multipath) = (
         u32::from(msg.header.table),
         Ipv4Addr::UNSPECIFIED,
@@ -134,7 +157,7 @@ fn read_route(msg: &rtnetlink::packet_route::route::RouteMessage) -> ReadRoute {
         (RouteType::Unicast, None, Some(d)) => format!("dev {d}"),
         (other, _, _) => format!("{other:?}").to_lowercase(),
     };
-    if table != u32::from(RouteHeader::RT_TABLE_MAIN) {
+    if table != u32::from(MAIN_TABLE) {
         target.push_str(&format!(" table {table}"));
     }
     ReadRoute {
@@ -155,7 +178,7 @@ async fn host_routes(
     handle: &rtnetlink::Handle,
     name: &str,
 ) -> Result<Vec<HostRoute>, rtnetlink::Error> {
-    use rtnetlink::packet_route::route::{RouteHeader, RouteType};
+    use rtnetlink::packet_route::route::RouteType;
     let own = nix::net::if_::if_nametoindex(name).ok();
     let mut dump = handle
         .route()
@@ -164,7 +187,7 @@ async fn host_routes(
     let mut routes = Vec::new();
     while let Some(msg) = dump.try_next().await? {
         let r = read_route(&msg);
-        if r.table == u32::from(RouteHeader::RT_TABLE_MAIN)
+        if r.table == u32::from(MAIN_TABLE)
             && matches!(
                 r.kind,
                 RouteType::Unicast
@@ -180,34 +203,61 @@ async fn host_routes(
     Ok(routes)
 }
 
-/// The route the kernel takes to `peer`, all rules and tables applied, if
-/// it leaves by another device than `index`: a policy rule ahead of the
-/// main table (Tailscale's, a VPN's) can take the far end's address
-/// whatever the main table says, and the tunnel would carry nothing.
-async fn route_elsewhere(
+/// How the kernel routes the far end's address, all rules and tables
+/// applied: a policy rule ahead of the main table (Tailscale's, a VPN's)
+/// can take it whatever the main table says, and the tunnel would carry
+/// nothing.
+enum PeerRoute {
+    ThroughTunnel,
+    /// By this route instead.
+    Elsewhere(ReadRoute),
+    /// Nowhere: a prohibit, unreachable or blackhole rule or route.
+    Dropped(std::io::Error),
+}
+
+/// Asks the kernel, as `ip route get fibmatch PEER from OWN` does.
+async fn peer_route(
     handle: &rtnetlink::Handle,
+    own: Ipv4Addr,
     peer: Ipv4Addr,
     index: u32,
-) -> Result<Option<HostRoute>, rtnetlink::Error> {
+) -> Result<PeerRoute, rtnetlink::Error> {
     use rtnetlink::packet_route::route::{RouteAttribute, RouteFlags, RouteHeader};
+    // From the tunnel address, as the flow sockets send: `from` rules apply.
     let mut query = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(peer, 32)
+        .source_prefix(own, 32)
         .build();
-    // The route as configured (its prefix and, as `ip route get` asks,
-    // the table it was found in), not the cached result for one address:
-    // what the user can find and remove.
+    // The route as configured (its prefix and the table it was found in),
+    // not the cached result for one address: what the user can find.
     query.header.flags |= RouteFlags::FibMatch | RouteFlags::LookupTable;
-    // No table: the builder names the main one, and a lookup in a named
-    // table skips the rules, which are the point here.
+    // The kernel ignores a table here (and a strict socket refuses one).
     query.header.table = RouteHeader::RT_TABLE_UNSPEC;
     query
         .attributes
         .retain(|a| !matches!(a, RouteAttribute::Table(_)));
-    let Some(msg) = handle.route().get(query).execute().try_next().await? else {
-        return Ok(None);
+    let msg = match handle.route().get(query).execute().try_next().await {
+        Ok(Some(msg)) => msg,
+        Ok(None) => return Ok(PeerRoute::ThroughTunnel),
+        Err(rtnetlink::Error::NetlinkError(e))
+            if matches!(
+                -e.raw_code(),
+                nix::libc::EACCES
+                    | nix::libc::ENETUNREACH
+                    | nix::libc::EHOSTUNREACH
+                    | nix::libc::EINVAL
+            ) =>
+        {
+            return Ok(PeerRoute::Dropped(e.to_io()));
+        }
+        Err(e) => return Err(e),
     };
     let r = read_route(&msg);
-    Ok((r.oif != Some(index)).then_some(r.route))
+    Ok(if r.oif == Some(index) {
+        PeerRoute::ThroughTunnel
+    } else {
+        PeerRoute::Elsewhere(r)
+    })
 }
 
 /// Refuses a tunnel subnet that overlaps an address another interface here
@@ -348,15 +398,32 @@ pub async fn create(
             .execute()
             .await
             .map_err(configure)?;
-        match route_elsewhere(&handle, peer, index).await {
-            Ok(Some(route)) => {
-                let net = Ipv4Addr::from(u32::from(addr) & prefix_mask(prefix_len));
+        let subnet = || {
+            let net = Ipv4Addr::from(u32::from(addr) & prefix_mask(prefix_len));
+            format!("{net}/{prefix_len}")
+        };
+        match peer_route(&handle, addr, peer, index).await {
+            Ok(PeerRoute::ThroughTunnel) => {}
+            Ok(PeerRoute::Elsewhere(r)) if r.table == u32::from(MAIN_TABLE) => {
                 return Err(DeviceError::SubnetRouted {
-                    subnet: format!("{net}/{prefix_len}"),
-                    route: route.to_string(),
+                    subnet: subnet(),
+                    route: r.route.to_string(),
                 });
             }
-            Ok(None) => {}
+            Ok(PeerRoute::Elsewhere(r)) => {
+                return Err(DeviceError::PeerRoutedByRule {
+                    peer,
+                    subnet: subnet(),
+                    route: r.route.to_string(),
+                });
+            }
+            Ok(PeerRoute::Dropped(reason)) => {
+                return Err(DeviceError::PeerDropped {
+                    peer,
+                    own: addr,
+                    reason,
+                });
+            }
             Err(e) => tracing::warn!(
                 device = name,
                 error = %e,
@@ -393,7 +460,7 @@ pub fn only_through_or_warn<S: std::os::fd::AsFd>(socket: &S, name: &str, far_en
                 device = name,
                 error = %e,
                 "cannot bind the flow sockets to the tunnel device (Linux 5.7 and later allow it): \
-                 a host on a network of this one could pose as {far_end} to them"
+                 a host on one of this host's networks could pose as {far_end} to them"
             );
             false
         }
