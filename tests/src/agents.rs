@@ -17,7 +17,7 @@ use skerry::tunnel::{TunnelAddrs, TunnelHandle, WireguardKey};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Background, Topology, spawn_in, unique};
+use crate::{Background, Topology, spawn_in};
 
 /// How long a test waits for the agents to reach a state.
 pub const SETTLE: Duration = Duration::from_secs(30);
@@ -39,6 +39,8 @@ pub struct Pair {
     /// The home-agent's admin socket, as `home-agent ports …` uses it.
     pub admin_socket: PathBuf,
     pub state_dir: PathBuf,
+    /// Holds `state_dir`, removed with it after the agents have stopped.
+    _scratch: tempfile::TempDir,
     // Last: torn down after the agents inside it have stopped.
     pub topo: Topology,
 }
@@ -84,7 +86,8 @@ impl Pair {
     pub fn start_with(specs: &[&str], opts: PairOptions) -> Pair {
         crate::require_root();
         let topo = Topology::new();
-        let state_dir = std::env::temp_dir().join(unique("skerry-pair"));
+        let scratch = crate::scratch_dir("skerry-pair");
+        let state_dir = scratch.path().to_owned();
         let pki = HomePki::load_or_create(&state_dir).expect("creating the test PKI");
         let key =
             WireguardKey::load_or_create(&state_dir.join("wireguard.key")).expect("WireGuard key");
@@ -160,6 +163,7 @@ impl Pair {
             pki,
             admin_socket,
             state_dir,
+            _scratch: scratch,
             topo,
         };
         pair.wait_applied(1);
@@ -328,7 +332,6 @@ impl Drop for Pair {
         drop(self.home.take());
         drop(self.admin.take());
         drop(self.edge.take());
-        let _ = std::fs::remove_dir_all(&self.state_dir);
     }
 }
 
@@ -471,8 +474,9 @@ mod tests {
         crate::require_root();
         crate::init_tracing();
         let topo = Topology::new();
-        let state_dir = std::env::temp_dir().join(unique("skerry-held"));
-        let pki = HomePki::load_or_create(&state_dir).expect("creating the test PKI");
+        let scratch = crate::scratch_dir("skerry-held");
+        let state_dir = scratch.path();
+        let pki = HomePki::load_or_create(state_dir).expect("creating the test PKI");
         let opts = edge_agent::EdgeOptions::new(Bootstrap::from_pki(
             &pki,
             DEFAULT_CONTROL_PORT,
@@ -499,7 +503,6 @@ mod tests {
         );
         stop.cancel();
         edge.stop();
-        let _ = std::fs::remove_dir_all(&state_dir);
     }
 
     /// `run` also returns when the port map's sender goes away (an embedder
@@ -510,8 +513,9 @@ mod tests {
         crate::require_root();
         crate::init_tracing();
         let topo = Topology::new();
-        let state_dir = std::env::temp_dir().join(unique("skerry-returned"));
-        let pki = HomePki::load_or_create(&state_dir).expect("creating the test PKI");
+        let scratch = crate::scratch_dir("skerry-returned");
+        let state_dir = scratch.path();
+        let pki = HomePki::load_or_create(state_dir).expect("creating the test PKI");
         let key =
             WireguardKey::load_or_create(&state_dir.join("wireguard.key")).expect("WireGuard key");
         let edge_stop = CancellationToken::new();
@@ -569,7 +573,6 @@ mod tests {
         drop(home);
         edge_stop.cancel();
         drop(edge);
-        let _ = std::fs::remove_dir_all(&state_dir);
     }
 
     #[tokio::test]

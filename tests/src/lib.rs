@@ -64,6 +64,15 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}-{n}", std::process::id())
 }
 
+/// A fresh directory under the system's temporary one, removed when the
+/// handle drops: also when a test fails, while it unwinds.
+pub fn scratch_dir(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("{prefix}-"))
+        .tempdir()
+        .unwrap_or_else(|e| panic!("creating a scratch directory: {e}"))
+}
+
 /// Sets up `tracing` once per process: filtered by `RUST_LOG` (default:
 /// warnings), written through the test harness so output shows with failures.
 pub fn init_tracing() {

@@ -16,7 +16,7 @@ use skerry::frame::{FRAME_VERSION, MAX_FRAME_LEN};
 use skerry::pki::{EDGE_SERVER_NAME, HomePki};
 use skerry::tls::{CONTROL_ALPN, crypto_provider};
 use skerry_tests::agents::Pair;
-use skerry_tests::{run_in, tcp_digest_client, unique};
+use skerry_tests::{run_in, tcp_digest_client};
 
 const TCP_TARGET: &str = "127.0.0.1:8000";
 
@@ -54,8 +54,8 @@ async fn attempt(ep: &quinn::Endpoint, edge: SocketAddr, bytes: &[u8]) -> Result
 fn hostile_control_clients_are_refused_and_the_real_session_carries_on() {
     skerry_tests::init_tracing();
     let (pair, _svc) = pair_with_digest_service();
-    let other_dir = std::env::temp_dir().join(unique("skerry-otherca"));
-    let other = HomePki::load_or_create(&other_dir).expect("second CA");
+    let other_dir = skerry_tests::scratch_dir("skerry-otherca");
+    let other = HomePki::load_or_create(other_dir.path()).expect("second CA");
     let ca = pair.pki.ca_cert().clone();
     let home = pair.pki.home().clone();
     let v4 = pair.topo.edge_public_v4;
@@ -143,7 +143,6 @@ fn hostile_control_clients_are_refused_and_the_real_session_carries_on() {
     let s = pair.status.borrow().clone();
     assert!(s.connected, "the real session dropped: {:?}", s.last_error);
     assert_eq!(s.sessions, 1, "the real home-agent had to reconnect");
-    let _ = std::fs::remove_dir_all(&other_dir);
 }
 
 #[test]

@@ -276,9 +276,8 @@ fn allow_lists_proxy_v2_and_max_conns_hold() {
 #[test]
 fn config_file_edits_apply_and_bad_edits_change_nothing() {
     skerry_tests::init_tracing();
-    let dir = std::env::temp_dir().join(skerry_tests::unique("skerry-config"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("edge.toml");
+    let dir = skerry_tests::scratch_dir("skerry-config");
+    let file = dir.path().join("edge.toml");
     std::fs::write(&file, format!("ports = [\"tcp/9000={ECHO}\"]\n")).unwrap();
     let pair = Pair::start_with(
         &[&format!("tcp/9000={ECHO}")],
@@ -323,7 +322,6 @@ fn config_file_edits_apply_and_bad_edits_change_nothing() {
         status.ports.iter().any(|p| p.key == "tcp/9001" && p.ok),
         "{status:?}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn wait_status(

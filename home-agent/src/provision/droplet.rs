@@ -1455,9 +1455,9 @@ mod tests {
 
     #[test]
     fn record_round_trips_and_refuses_strangers() {
-        let dir = std::env::temp_dir().join(format!("skerry-record-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        assert_eq!(load_record(&dir).expect("none"), None);
+        let scratch = tempfile::tempdir().expect("temp dir");
+        let dir = scratch.path();
+        assert_eq!(load_record(dir).expect("none"), None);
         let rec = DropletRecord {
             version: RECORD_VERSION,
             id: 42,
@@ -1466,16 +1466,15 @@ mod tests {
             created_at: "2026-01-01T00:00:00Z".into(),
             reserved_ip: Some(Ipv4Addr::new(192, 0, 2, 7)),
         };
-        save_record(&dir, &rec).expect("saved");
-        assert_eq!(load_record(&dir).expect("read"), Some(rec));
+        save_record(dir, &rec).expect("saved");
+        assert_eq!(load_record(dir).expect("read"), Some(rec));
         std::fs::write(dir.join(STATE_FILE), r#"{"version":1,"id":1,"token":"x"}"#).expect("write");
         assert!(matches!(
-            load_record(&dir),
+            load_record(dir),
             Err(DropletError::BadState { .. })
         ));
-        remove_record(&dir).expect("removed");
-        remove_record(&dir).expect("removing twice is fine");
-        let _ = std::fs::remove_dir_all(&dir);
+        remove_record(dir).expect("removed");
+        remove_record(dir).expect("removing twice is fine");
     }
 
     #[test]

@@ -95,9 +95,8 @@ mod tests {
 
     #[test]
     fn persists_with_private_mode() {
-        let dir = std::env::temp_dir().join(format!("skerry-wgkey-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("wg.key");
+        let dir = crate::paths::TestDir::new("wgkey");
+        let path = dir.path().join("wg.key");
         let a = WireguardKey::load_or_create(&path).unwrap();
         let b = WireguardKey::load_or_create(&path).unwrap();
         assert_eq!(a.public(), b.public());
@@ -112,6 +111,5 @@ mod tests {
             WireguardKey::load_or_create(&path),
             Err(KeyError::Malformed { .. })
         ));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
