@@ -69,12 +69,16 @@ impl FlowTable {
             return Ok(id);
         }
         let open = self.per_port.get(&public_port).copied().unwrap_or(0);
+        // A port at its cap makes room as the table does: otherwise a few
+        // spoofed sources a minute would keep every new client of a
+        // `max-conns` port out.
         if let Some(max) = max
             && u64::try_from(open).unwrap_or(u64::MAX) >= u64::from(max)
+            && !self.drop_oldest_unanswered(Some(public_port))
         {
             return Err(Refused::PortFull);
         }
-        if self.by_id.len() >= MAX_FLOWS && !self.drop_oldest_unanswered() {
+        if self.by_id.len() >= MAX_FLOWS && !self.drop_oldest_unanswered(None) {
             return Err(Refused::TableFull);
         }
         let id = self.fresh_id();
@@ -118,16 +122,27 @@ impl FlowTable {
         dead.len()
     }
 
-    /// Makes room by dropping the oldest flow home never answered; false
-    /// when home has answered every flow.
-    fn drop_oldest_unanswered(&mut self) -> bool {
-        while let Some(id) = self.unanswered.pop_front() {
-            if self.by_id.get(&id).is_some_and(|f| !f.answered) {
-                self.remove(id);
-                return true;
-            }
+    /// Makes room by dropping the oldest flow home never answered (of
+    /// `port`, if given); false when home has answered every such flow.
+    fn drop_oldest_unanswered(&mut self, port: Option<u16>) -> bool {
+        let unanswered = |f: &Flow| !f.answered && port.is_none_or(|p| f.public_port == p);
+        let Some(i) = self
+            .unanswered
+            .iter()
+            .position(|id| self.by_id.get(id).is_some_and(unanswered))
+        else {
+            return false;
+        };
+        // Whatever came before it is answered or gone (or of another port,
+        // and stays).
+        let id = self.unanswered[i];
+        if port.is_none() {
+            self.unanswered.drain(..=i);
+        } else {
+            self.unanswered.remove(i);
         }
-        false
+        self.remove(id);
+        true
     }
 
     /// Drops every flow of a public port (the port was removed).
@@ -261,12 +276,46 @@ mod tests {
     fn cap_per_port() {
         let now = Instant::now();
         let mut t = FlowTable::new();
-        t.inbound(53, addr(1), Some(2), now).unwrap();
-        t.inbound(53, addr(2), Some(2), now).unwrap();
+        let a = t.inbound(53, addr(1), Some(2), now).unwrap();
+        let b = t.inbound(53, addr(2), Some(2), now).unwrap();
+        t.outbound(a, now).unwrap();
+        t.outbound(b, now).unwrap();
         assert_eq!(t.inbound(53, addr(3), Some(2), now), Err(Refused::PortFull));
         assert!(t.inbound(54, addr(3), Some(2), now).is_ok());
         t.remove_port(53);
         assert_eq!(t.count(53), 0);
         assert_eq!(t.len(), 1);
+    }
+
+    /// A `max-conns` port full of flows home never answered (spoofed
+    /// sources) still lets a new client in, in place of the oldest of them;
+    /// answered flows, and other ports' unanswered ones, stay.
+    #[test]
+    fn a_port_at_its_cap_drops_its_oldest_unanswered_flow() {
+        let now = Instant::now();
+        let mut t = FlowTable::new();
+        let other = t.inbound(54, addr(9), None, now).unwrap();
+        let player = t.inbound(27015, addr(1), Some(3), now).unwrap();
+        t.outbound(player, now).unwrap();
+        for i in 0..100 {
+            t.inbound(27015, spoofed(i), Some(3), now).unwrap();
+        }
+        assert_eq!(t.count(27015), 3);
+        let newcomer = t.inbound(27015, addr(2), Some(3), now).unwrap();
+        t.outbound(newcomer, now).unwrap();
+        assert_eq!(t.count(27015), 3);
+        assert!(t.outbound(player, now).is_some(), "the answered flow stays");
+        assert!(
+            t.outbound(other, now).is_some(),
+            "another port's flow stays"
+        );
+        // Now two answered and one spoofed: one more makes room, a next
+        // one finds only answered flows.
+        let third = t.inbound(27015, addr(3), Some(3), now).unwrap();
+        t.outbound(third, now).unwrap();
+        assert_eq!(
+            t.inbound(27015, addr(4), Some(3), now),
+            Err(Refused::PortFull)
+        );
     }
 }
