@@ -71,6 +71,12 @@ pub enum DeviceError {
     InUse { name: String },
 }
 
+/// `addr/prefix_len` as the network it names, for messages: `10.77.0.0/30`.
+fn subnet(addr: Ipv4Addr, prefix_len: u8) -> String {
+    let net = Ipv4Addr::from(u32::from(addr) & prefix_mask(prefix_len));
+    format!("{net}/{prefix_len}")
+}
+
 const MAIN_TABLE: u8 = rtnetlink::packet_route::route::RouteHeader::RT_TABLE_MAIN;
 
 /// A route of the main table for part of the address space, as the
@@ -106,9 +112,8 @@ fn check_routes(
             continue;
         }
         if route.prefix_len >= prefix_len {
-            let net = Ipv4Addr::from(u32::from(addr) & prefix_mask(prefix_len));
             return Err(DeviceError::SubnetRouted {
-                subnet: format!("{net}/{prefix_len}"),
+                subnet: subnet(addr, prefix_len),
                 route: route.to_string(),
             });
         }
@@ -282,9 +287,8 @@ fn check_subnet_free(name: &str, addr: Ipv4Addr, prefix_len: u8) -> Result<(), D
         // Two prefixes overlap when they agree on the shorter one's bits.
         let shorter = prefix_mask(prefix_len.min(other_len));
         if u32::from(addr) & shorter == u32::from(other.ip()) & shorter {
-            let net = Ipv4Addr::from(u32::from(addr) & prefix_mask(prefix_len));
             return Err(DeviceError::SubnetInUse {
-                subnet: format!("{net}/{prefix_len}"),
+                subnet: subnet(addr, prefix_len),
                 other_if: ifa.interface_name,
                 other: format!("{}/{other_len}", other.ip()),
             });
@@ -398,22 +402,18 @@ pub async fn create(
             .execute()
             .await
             .map_err(configure)?;
-        let subnet = || {
-            let net = Ipv4Addr::from(u32::from(addr) & prefix_mask(prefix_len));
-            format!("{net}/{prefix_len}")
-        };
         match peer_route(&handle, addr, peer, index).await {
             Ok(PeerRoute::ThroughTunnel) => {}
             Ok(PeerRoute::Elsewhere(r)) if r.table == u32::from(MAIN_TABLE) => {
                 return Err(DeviceError::SubnetRouted {
-                    subnet: subnet(),
+                    subnet: subnet(addr, prefix_len),
                     route: r.route.to_string(),
                 });
             }
             Ok(PeerRoute::Elsewhere(r)) => {
                 return Err(DeviceError::PeerRoutedByRule {
                     peer,
-                    subnet: subnet(),
+                    subnet: subnet(addr, prefix_len),
                     route: r.route.to_string(),
                 });
             }
