@@ -44,6 +44,7 @@ fn assert_refused(result: Result<(), DeviceError>, route: &str) {
 /// tunnel.
 #[test]
 fn the_tunnel_subnet_is_checked_against_the_routes_here() {
+    skerry_tests::require_root();
     skerry_tests::init_tracing();
     let ns = NetNs::create(&skerry_tests::unique("skt-route")).unwrap();
     ns.ip(&["link", "set", "lo", "up"]).unwrap();
