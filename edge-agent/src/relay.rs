@@ -64,6 +64,8 @@ pub struct RelayContext {
     /// New UDP clients refused because the flow table is full: a flood,
     /// most likely, and worth a line a minute.
     udp_table_full: Mutex<LogBudget>,
+    /// The public UDP ports' receive buffers, which they take turns with.
+    public_udp_rx: tokio::sync::Mutex<PublicUdpRx>,
     /// Cancelled when the edge stops: every port's flows are cut, removed
     /// ports' draining ones too (each port's token is a child of this one).
     pub(crate) stopping: CancellationToken,
@@ -98,6 +100,7 @@ impl RelayContext {
                 ACCEPT_FAILURES_LOGGED_PER_MINUTE,
             )),
             udp_table_full: Mutex::new(LogBudget::new(Duration::from_secs(60), 1)),
+            public_udp_rx: tokio::sync::Mutex::new(PublicUdpRx::new()),
             stopping: CancellationToken::new(),
             clients_held: TaskTracker::new(),
         })
@@ -379,10 +382,34 @@ const UDP_REPLY_SLOTS: usize = 4;
 /// fragmented inside the tunnel.
 const GSO_SEGMENT_MAX: usize = skerry::tunnel::device::DEFAULT_MTU as usize - 28;
 
+/// What a public UDP port needs to move what it received home: ~1.1 MiB,
+/// as far as datagrams have touched it. One for all ports, which take
+/// turns: the edge runs on one thread and every port sends on the same
+/// tunnel socket, so a buffer per port (a 10,000-port RTP range) would only
+/// let a flood of large datagrams touch ~1 MiB per port.
+#[derive(Debug)]
+struct PublicUdpRx {
+    batch: RecvBatch<UDP_RX_SLOTS>,
+    header: Vec<u8>,
+    /// A run of datagrams, each behind its header, for one GSO send home.
+    out: Vec<u8>,
+}
+
+impl PublicUdpRx {
+    fn new() -> Self {
+        PublicUdpRx {
+            batch: RecvBatch::new(),
+            header: Vec::with_capacity(MAX_DATAGRAM_HEADER_LEN),
+            out: Vec::with_capacity(GSO_MAX_BYTES + MAX_UDP_PAYLOAD),
+        }
+    }
+}
+
 /// Reads public datagrams on one port and sends them home: a `recvmmsg`
 /// gathers what is waiting (GRO hands over a client's run of datagrams in
 /// one buffer), and each run goes home in one GSO send, every datagram
-/// behind its own header.
+/// behind its own header. The port waits for its socket without the
+/// receive buffers, and holds them until what it took has gone home.
 pub async fn udp_receive_loop(
     socket: Arc<UdpSocket>,
     port: Arc<PortShared>,
@@ -396,88 +423,95 @@ pub async fn udp_receive_loop(
             return;
         }
     };
-    let mut batch = RecvBatch::<UDP_RX_SLOTS>::new();
-    let mut header = Vec::with_capacity(MAX_DATAGRAM_HEADER_LEN);
-    let mut out: Vec<u8> = Vec::with_capacity(GSO_MAX_BYTES + MAX_UDP_PAYLOAD);
-    let mut run = Run::default();
     loop {
-        let received = tokio::select! {
+        // A socket that never drains (a flood the allow list refuses) must
+        // not hold the agent's one thread: see `RecvBatch::recv`.
+        tokio::task::consume_budget().await;
+        let ready = tokio::select! {
             () = stop.cancelled() => break,
-            r = batch.recv(&socket, &state) => r,
+            r = socket.readable() => r,
         };
-        let count = match received {
-            Ok(n) => n,
-            Err(e) => {
-                debug!(port = port.port, error = %e, "public UDP receive failed");
-                continue;
-            }
-        };
-        for i in 0..count {
-            let Some((from, stride, bytes)) = batch.buffer(i) else {
-                continue;
-            };
-            let client = SocketAddr::new(from.ip().to_canonical(), from.port());
-            let policy = port.policy();
-            if !policy.admits(client.ip()) {
-                trace!(port = port.port, %client, "datagram refused: source not in allow list");
-                continue;
-            }
-            let flow_id =
-                match ctx
-                    .flows()
-                    .inbound(port.port, client, policy.max_conns, Instant::now())
-                {
-                    Ok(id) => id,
-                    Err(Refused::PortFull) => {
-                        trace!(port = port.port, %client, "datagram refused: port at max-conns");
-                        continue;
-                    }
-                    Err(Refused::TableFull) => {
-                        table_full(&ctx, port.port);
-                        continue;
-                    }
-                };
-            header.clear();
-            DatagramHeader {
-                flow_id,
-                public_port: port.port,
-                client,
-            }
-            .encode(&mut header);
-            let segment = header.len() + stride;
-            // A run continues across receive buffers while the datagrams
-            // are the same client's and the same size: GSO cuts a run
-            // into equal segments, only the last may be shorter.
-            let continues = run.flow == Some(flow_id) && run.segment == segment && !run.closed;
-            if !continues {
-                send_home(&ctx, &out, run.segment).await;
-                out.clear();
-                run = Run {
-                    flow: Some(flow_id),
-                    segment,
-                    closed: false,
-                };
-            }
-            for payload in bytes.chunks(stride) {
-                // One segment per send when GSO cannot carry it.
-                if run.closed
-                    || segment > GSO_SEGMENT_MAX
-                    || out.len() + header.len() + payload.len() > GSO_MAX_BYTES
-                    || out.len() / segment >= ctx.tunnel_udp_state.max_gso_segments()
-                {
-                    send_home(&ctx, &out, segment).await;
-                    out.clear();
-                    run.closed = false;
-                }
-                out.extend_from_slice(&header);
-                out.extend_from_slice(payload);
-                run.closed = payload.len() < stride;
-            }
+        if let Err(e) = ready {
+            debug!(port = port.port, error = %e, "public UDP socket failed");
+            continue;
         }
-        send_home(&ctx, &out, run.segment).await;
-        out.clear();
-        run = Run::default();
+        let mut rx = ctx.public_udp_rx.lock().await;
+        match rx.batch.try_recv(&socket, &state) {
+            Ok(Some(_)) => send_received_home(&mut rx, &port, &ctx).await,
+            Ok(None) => {}
+            Err(e) => debug!(port = port.port, error = %e, "public UDP receive failed"),
+        }
     }
+}
+
+/// Sends home what the last receive on `port` took, in GSO runs.
+async fn send_received_home(rx: &mut PublicUdpRx, port: &PortShared, ctx: &RelayContext) {
+    let PublicUdpRx { batch, header, out } = rx;
+    out.clear();
+    let mut run = Run::default();
+    for i in 0..batch.len() {
+        let Some((from, stride, bytes)) = batch.buffer(i) else {
+            continue;
+        };
+        let client = SocketAddr::new(from.ip().to_canonical(), from.port());
+        let policy = port.policy();
+        if !policy.admits(client.ip()) {
+            trace!(port = port.port, %client, "datagram refused: source not in allow list");
+            continue;
+        }
+        let flow_id = match ctx
+            .flows()
+            .inbound(port.port, client, policy.max_conns, Instant::now())
+        {
+            Ok(id) => id,
+            Err(Refused::PortFull) => {
+                trace!(port = port.port, %client, "datagram refused: port at max-conns");
+                continue;
+            }
+            Err(Refused::TableFull) => {
+                table_full(ctx, port.port);
+                continue;
+            }
+        };
+        header.clear();
+        DatagramHeader {
+            flow_id,
+            public_port: port.port,
+            client,
+        }
+        .encode(header);
+        let segment = header.len() + stride;
+        // A run continues across receive buffers while the datagrams
+        // are the same client's and the same size: GSO cuts a run
+        // into equal segments, only the last may be shorter.
+        let continues = run.flow == Some(flow_id) && run.segment == segment && !run.closed;
+        if !continues {
+            send_home(ctx, out, run.segment).await;
+            out.clear();
+            run = Run {
+                flow: Some(flow_id),
+                segment,
+                closed: false,
+            };
+        }
+        for payload in udp_batch::split(bytes, stride) {
+            // One segment per send when GSO cannot carry it.
+            if run.closed
+                || segment > GSO_SEGMENT_MAX
+                || out.len() + header.len() + payload.len() > GSO_MAX_BYTES
+                || out.len() / segment >= ctx.tunnel_udp_state.max_gso_segments()
+            {
+                send_home(ctx, out, segment).await;
+                out.clear();
+                run.closed = false;
+            }
+            out.extend_from_slice(header);
+            out.extend_from_slice(payload);
+            run.closed = payload.len() < stride;
+        }
+    }
+    send_home(ctx, out, run.segment).await;
+    out.clear();
 }
 
 /// The datagrams gathered for one GSO send home.

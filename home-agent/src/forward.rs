@@ -38,6 +38,10 @@ pub struct Forwarding {
     /// Set on every target connection.
     pub dead_peer: DeadPeer,
     open_flows: Mutex<HashMap<(Protocol, u16), usize>>,
+    /// Where a UDP flow's reply is read and sent from: one for all flows,
+    /// held only between a socket's readiness and the send, so thousands
+    /// of flows do not hold 64 KiB each.
+    udp_reply: Mutex<Box<[u8]>>,
 }
 
 impl Forwarding {
@@ -54,6 +58,7 @@ impl Forwarding {
             udp_idle,
             dead_peer,
             open_flows: Mutex::new(HashMap::new()),
+            udp_reply: Mutex::new(vec![0u8; MAX_DATAGRAM_HEADER_LEN + MAX_TARGET_DATAGRAM].into()),
         }
     }
 
@@ -421,7 +426,6 @@ async fn open_udp_flow(
     tokio::spawn(
         async move {
             let _guard = FlowGuard::new(&fwd, (Protocol::Udp, header.public_port));
-            let mut buf = vec![0u8; MAX_DATAGRAM_HEADER_LEN + 65536];
             let mut h = Vec::with_capacity(MAX_DATAGRAM_HEADER_LEN);
             let idle = fwd.udp_idle;
             loop {
@@ -432,29 +436,27 @@ async fn open_udp_flow(
                     break;
                 }
                 let wait = idle - quiet + Duration::from_millis(10);
-                let n = match tokio::time::timeout(
-                    wait,
-                    socket.recv(&mut buf[MAX_DATAGRAM_HEADER_LEN..]),
-                )
-                .await
-                {
+                match tokio::time::timeout(wait, socket.readable()).await {
                     Err(_) => continue,
                     Ok(Err(e)) => {
+                        trace!(error = %e, "target socket");
+                        continue;
+                    }
+                    Ok(Ok(())) => {}
+                }
+                let unsent = match reply_once(&fwd, &socket, &tunnel, edge, header, &mut h) {
+                    Ok(unsent) => unsent,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) => {
                         // ICMP unreachable from a target that is down: keep
                         // the flow, as a client may retry.
                         trace!(error = %e, "target receive");
                         continue;
                     }
-                    Ok(Ok(n)) => n,
                 };
                 last_seen.store(elapsed_ms(started), Ordering::Relaxed);
-                h.clear();
-                header.encode(&mut h);
-                let start = MAX_DATAGRAM_HEADER_LEN - h.len();
-                buf[start..MAX_DATAGRAM_HEADER_LEN].copy_from_slice(&h);
-                if let Err(e) = tunnel
-                    .send_to(&buf[start..MAX_DATAGRAM_HEADER_LEN + n], edge)
-                    .await
+                if let Some(datagram) = unsent
+                    && let Err(e) = tunnel.send_to(&datagram, edge).await
                 {
                     trace!(error = %e, "reply to edge not sent");
                 }
@@ -464,6 +466,39 @@ async fn open_udp_flow(
         .instrument(span),
     );
     Some(flow)
+}
+
+/// Room for a target's reply: more than any UDP payload (an IPv6 target's
+/// may exceed what the IPv4 tunnel carries), so one too large is refused
+/// whole at the send to the edge instead of cut short here.
+const MAX_TARGET_DATAGRAM: usize = 65_536;
+
+/// Reads one reply from a flow's target and sends it to the edge behind
+/// the flow's header, in the shared reply buffer. A send that would wait
+/// returns the datagram, to be sent outside the buffer.
+fn reply_once(
+    fwd: &Forwarding,
+    target: &UdpSocket,
+    tunnel: &UdpSocket,
+    edge: SocketAddr,
+    header: DatagramHeader,
+    h: &mut Vec<u8>,
+) -> std::io::Result<Option<Vec<u8>>> {
+    let mut buf = fwd.udp_reply.lock().unwrap_or_else(|p| p.into_inner());
+    let n = target.try_recv(&mut buf[MAX_DATAGRAM_HEADER_LEN..])?;
+    h.clear();
+    header.encode(h);
+    let start = MAX_DATAGRAM_HEADER_LEN - h.len();
+    buf[start..MAX_DATAGRAM_HEADER_LEN].copy_from_slice(h);
+    let datagram = &buf[start..MAX_DATAGRAM_HEADER_LEN + n];
+    match tunnel.try_send_to(datagram, edge) {
+        Ok(_) => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(Some(datagram.to_vec())),
+        Err(e) => {
+            trace!(error = %e, "reply to edge not sent");
+            Ok(None)
+        }
+    }
 }
 
 #[cfg(test)]

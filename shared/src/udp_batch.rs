@@ -87,13 +87,7 @@ impl<const N: usize> RecvBatch<N> {
 
     /// Waits until `socket` is readable, then takes what is queued; returns
     /// how many buffers were filled.
-    ///
-    /// Fewer than `N` means the queue was drained, and tokio is told so
-    /// (as a "would block"), which saves the next call's empty `recvmmsg`.
-    /// A datagram that arrived meanwhile raised a newer readiness event,
-    /// which that does not clear.
     pub async fn recv(&mut self, socket: &UdpSocket, state: &UdpSocketState) -> io::Result<usize> {
-        let RecvBatch { storage, metas, .. } = self;
         loop {
             // Neither `readable()` nor `try_io` counts against tokio's
             // budget, and a caller may drop everything it receives (a flood
@@ -102,26 +96,50 @@ impl<const N: usize> RecvBatch<N> {
             // thread.
             tokio::task::consume_budget().await;
             socket.readable().await?;
-            let mut drained = None;
-            let result = socket.try_io(Interest::READABLE, || {
-                let mut chunks = storage.chunks_exact_mut(SLOT_BYTES);
-                let mut slots: [IoSliceMut<'_>; N] =
-                    std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()));
-                let count = state.recv(socket.into(), &mut slots, metas)?;
-                if count < N {
-                    drained = Some(count);
-                    return Err(io::ErrorKind::WouldBlock.into());
-                }
-                Ok(count)
-            });
-            let count = match (result, drained) {
-                (Ok(count), _) | (Err(_), Some(count)) => count,
-                (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                (Err(e), None) => return Err(e),
-            };
-            self.count = count;
-            return Ok(count);
+            if let Some(count) = self.try_recv(socket, state)? {
+                return Ok(count);
+            }
         }
+    }
+
+    /// Takes what is queued on a socket tokio found readable, without
+    /// waiting: how many buffers were filled, or `None` if there was
+    /// nothing after all (tokio has cleared the readiness; wait again).
+    /// Lets sockets that take turns with one batch wait for readiness
+    /// without holding it.
+    ///
+    /// Fewer than `N` means the queue was drained, and tokio is told so
+    /// (as a "would block"), which saves the next call's empty `recvmmsg`.
+    /// A datagram that arrived meanwhile raised a newer readiness event,
+    /// which that does not clear.
+    pub fn try_recv(
+        &mut self,
+        socket: &UdpSocket,
+        state: &UdpSocketState,
+    ) -> io::Result<Option<usize>> {
+        let RecvBatch { storage, metas, .. } = self;
+        let mut drained = None;
+        let result = socket.try_io(Interest::READABLE, || {
+            let mut chunks = storage.chunks_exact_mut(SLOT_BYTES);
+            let mut slots: [IoSliceMut<'_>; N] =
+                std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()));
+            let count = state.recv(socket.into(), &mut slots, metas)?;
+            if count < N {
+                drained = Some(count);
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(count)
+        });
+        let count = match (result, drained) {
+            (Ok(count), _) | (Err(_), Some(count)) => count,
+            (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.count = 0;
+                return Ok(None);
+            }
+            (Err(e), None) => return Err(e),
+        };
+        self.count = count;
+        Ok(Some(count))
     }
 
     /// Buffers filled by the last receive.
@@ -149,8 +167,17 @@ impl<const N: usize> RecvBatch<N> {
     pub fn datagrams(&self) -> impl Iterator<Item = (SocketAddr, &[u8])> {
         (0..self.count)
             .filter_map(|i| self.buffer(i))
-            .flat_map(|(from, stride, bytes)| bytes.chunks(stride).map(move |d| (from, d)))
+            .flat_map(|(from, stride, bytes)| split(bytes, stride).map(move |d| (from, d)))
     }
+}
+
+/// The datagrams of one receive buffer of `stride`-byte datagrams (the last
+/// may be shorter). An empty buffer is one empty datagram: a zero-length
+/// datagram is a datagram too (some protocols' keepalive), and is never
+/// part of a GRO run.
+pub fn split(bytes: &[u8], stride: usize) -> impl Iterator<Item = &[u8]> {
+    let empty = bytes.is_empty().then_some(bytes);
+    bytes.chunks(stride.max(1)).chain(empty)
 }
 
 #[cfg(test)]
@@ -158,6 +185,38 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[test]
+    fn a_buffer_splits_into_its_datagrams_and_an_empty_one_is_one_datagram() {
+        fn split(bytes: &[u8], stride: usize) -> Vec<&[u8]> {
+            super::split(bytes, stride).collect()
+        }
+        assert_eq!(split(b"aabbc", 2), [&b"aa"[..], b"bb", b"c"]);
+        assert_eq!(split(b"abc", 3), [&b"abc"[..]]);
+        assert_eq!(split(b"", 1), [&b""[..]]);
+    }
+
+    /// A zero-length datagram is received as one, not as nothing.
+    #[tokio::test]
+    async fn a_zero_length_datagram_is_received() {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let to = socket.local_addr().expect("address");
+        let state = socket_state(&socket).expect("socket state");
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        sender.send_to(b"", to).expect("send");
+        sender.send_to(b"after", to).expect("send");
+        let mut batch = RecvBatch::<4>::new();
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            let receive = batch.recv(&socket, &state);
+            tokio::time::timeout(std::time::Duration::from_secs(10), receive)
+                .await
+                .expect("both datagrams arrive")
+                .expect("receive");
+            got.extend(batch.datagrams().map(|(_, d)| d.to_vec()));
+        }
+        assert_eq!(got, [b"".to_vec(), b"after".to_vec()]);
+    }
 
     /// The agents run on one thread, and a caller may drop all it receives:
     /// a socket that never drains must still let the other tasks run.
