@@ -385,8 +385,9 @@ const GSO_SEGMENT_MAX: usize = skerry::tunnel::device::DEFAULT_MTU as usize - 28
 /// What a public UDP port needs to move what it received home: ~1.1 MiB,
 /// as far as datagrams have touched it. One for all ports, which take
 /// turns: the edge runs on one thread and every port sends on the same
-/// tunnel socket, so a buffer per port (a 10,000-port RTP range) would only
-/// let a flood of large datagrams touch ~1 MiB per port.
+/// tunnel socket, so a buffer per port would gain nothing and would let a
+/// flood of large datagrams over a port range (RTP's 10,000) touch ~1 MiB
+/// per port.
 #[derive(Debug)]
 struct PublicUdpRx {
     batch: RecvBatch<UDP_RX_SLOTS>,
@@ -428,6 +429,7 @@ pub async fn udp_receive_loop(
         // not hold the agent's one thread: see `RecvBatch::recv`.
         tokio::task::consume_budget().await;
         let ready = tokio::select! {
+            biased;
             () = stop.cancelled() => break,
             r = socket.readable() => r,
         };
@@ -436,6 +438,10 @@ pub async fn udp_receive_loop(
             continue;
         }
         let mut rx = ctx.public_udp_rx.lock().await;
+        // Closed while it waited its turn: its socket is no longer the port's.
+        if stop.is_cancelled() {
+            break;
+        }
         match rx.batch.try_recv(&socket, &state) {
             Ok(Some(_)) => send_received_home(&mut rx, &port, &ctx).await,
             Ok(None) => {}

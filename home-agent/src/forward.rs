@@ -429,6 +429,11 @@ async fn open_udp_flow(
             let mut h = Vec::with_capacity(MAX_DATAGRAM_HEADER_LEN);
             let idle = fwd.udp_idle;
             loop {
+                // Neither readiness nor the `try_` calls count against
+                // tokio's budget: a target that never stops sending must
+                // not hold the agent's one thread (the tunnel's driver, the
+                // relays, the keepalives).
+                tokio::task::consume_budget().await;
                 let now = elapsed_ms(started);
                 let quiet =
                     Duration::from_millis(now.saturating_sub(last_seen.load(Ordering::Relaxed)));
@@ -475,7 +480,9 @@ const MAX_TARGET_DATAGRAM: usize = 65_536;
 
 /// Reads one reply from a flow's target and sends it to the edge behind
 /// the flow's header, in the shared reply buffer. A send that would wait
-/// returns the datagram, to be sent outside the buffer.
+/// returns the datagram, to be sent outside the buffer (a copy per flow
+/// only while the tunnel socket is backed up, which the TUN queue makes
+/// rare: it drops rather than blocks).
 fn reply_once(
     fwd: &Forwarding,
     target: &UdpSocket,
@@ -506,6 +513,82 @@ mod tests {
     use super::*;
     use skerry::flow::{END_OF_STREAM, FINISHED, frame_header};
     use tokio::io::AsyncReadExt;
+
+    /// A UDP target that sends faster than home forwards must not hold the
+    /// agent's one thread: its flow yields to the other tasks while its
+    /// socket is still full.
+    #[tokio::test] // one thread, as the agent runs
+    async fn a_udp_target_that_never_pauses_lets_other_tasks_run() {
+        const QUEUED: usize = 1000;
+        let target = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let spec = format!("udp/9000={}", target.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let (map, refused) = PortMap::from_specs(1, vec![spec]);
+        assert!(refused.is_empty());
+        let fwd = Arc::new(Forwarding::new(
+            map,
+            Ipv4Addr::LOCALHOST,
+            Duration::from_secs(30),
+            DeadPeer::default(),
+        ));
+        let tunnel = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let edge = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        edge.set_nonblocking(true).unwrap();
+        // Room for every reply, so none is lost before it is counted.
+        skerry::tunnel::driver::size_socket_buffers(&edge);
+        let shutdown = CancellationToken::new();
+        tokio::spawn(udp_flows(tunnel.clone(), fwd, shutdown.clone()));
+
+        // The edge's first datagram opens the flow; the target learns its socket.
+        let mut first = Vec::new();
+        DatagramHeader {
+            flow_id: 1,
+            public_port: 9000,
+            client: SocketAddr::from(([198, 18, 0, 1], 5000)),
+        }
+        .encode(&mut first);
+        edge.send_to(&first, tunnel.local_addr().unwrap()).unwrap();
+        let flow = tokio::task::spawn_blocking(move || {
+            target
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let (_, flow) = target
+                .recv_from(&mut [0u8; 16])
+                .expect("the flow's first datagram");
+            (target, flow)
+        });
+        let (target, flow) = flow.await.unwrap();
+
+        // Replies queue up while this task holds the thread; the flow task
+        // then forwards them, and this one counts what has reached the edge
+        // each time it runs.
+        for _ in 0..QUEUED {
+            target.send_to(b"reply", flow).unwrap();
+        }
+        let mut forwarded = 0;
+        let mut seen_between = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while forwarded < QUEUED {
+            assert!(
+                Instant::now() < deadline,
+                "only {forwarded} of {QUEUED} replies reached the edge"
+            );
+            tokio::task::yield_now().await;
+            let mut buf = [0u8; 64];
+            while edge.recv_from(&mut buf).is_ok() {
+                forwarded += 1;
+            }
+            if 0 < forwarded && forwarded < QUEUED {
+                seen_between.push(forwarded);
+            }
+        }
+        shutdown.cancel();
+        assert!(
+            !seen_between.is_empty(),
+            "the flow forwarded all {QUEUED} queued replies before any other task ran"
+        );
+    }
 
     /// A target that echoes what it got once the client has finished.
     async fn echo_target() -> SocketAddr {

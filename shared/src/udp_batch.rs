@@ -117,6 +117,9 @@ impl<const N: usize> RecvBatch<N> {
         socket: &UdpSocket,
         state: &UdpSocketState,
     ) -> io::Result<Option<usize>> {
+        // Nothing from an earlier receive (another socket's, when sockets
+        // share the batch) is left to read if this one fails.
+        self.count = 0;
         let RecvBatch { storage, metas, .. } = self;
         let mut drained = None;
         let result = socket.try_io(Interest::READABLE, || {
@@ -132,10 +135,7 @@ impl<const N: usize> RecvBatch<N> {
         });
         let count = match (result, drained) {
             (Ok(count), _) | (Err(_), Some(count)) => count,
-            (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => {
-                self.count = 0;
-                return Ok(None);
-            }
+            (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
             (Err(e), None) => return Err(e),
         };
         self.count = count;
