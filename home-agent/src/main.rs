@@ -1,7 +1,7 @@
 //! The home-agent binary: the command line over [`home_agent`].
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -417,10 +417,48 @@ struct Tuning {
     droplet: home_agent::provision::DropletArgs,
 }
 
+/// The running agent's admin socket for `name`: ours, or, when there is
+/// none, the one the user means. `connect` needs CAP_NET_ADMIN and is often
+/// run with `sudo` while `ports …` is not, or the other way round, and the
+/// two then look in different places.
+fn agent_socket(name: &EdgeName) -> anyhow::Result<PathBuf> {
+    let own = paths::runtime_socket(name)?;
+    if own.exists() {
+        return Ok(own);
+    }
+    if nix::unistd::geteuid().is_root() {
+        // `sudo home-agent ports …` for an agent the user started.
+        let user = std::env::var("SUDO_UID")
+            .ok()
+            .and_then(|uid| uid.parse::<u32>().ok())
+            .filter(|&uid| uid != 0);
+        if let Some(theirs) = user
+            .into_iter()
+            .flat_map(|uid| paths::user_sockets(uid, name))
+            .find(|path| path.exists())
+        {
+            say_err!(
+                "using the home-agent of the user who ran sudo, at {}",
+                theirs.display()
+            );
+            return Ok(theirs);
+        }
+    } else if Path::new(paths::ROOT_SOCKET_DIR).exists() {
+        // Root's socket cannot even be looked for from here.
+        bail!(
+            "no home-agent of yours is running for edge {name} (nothing at {}); one started with \
+             sudo listens under {}, which only root can enter: run this command with sudo",
+            own.display(),
+            paths::ROOT_SOCKET_DIR
+        );
+    }
+    Ok(own)
+}
+
 /// Sends one request to the running agent and prints its answer; the exit
 /// code says whether every entry went through.
 fn admin_command(name: &EdgeName, req: &admin::Request, json: bool) -> anyhow::Result<ExitCode> {
-    let socket = paths::runtime_socket(name)?;
+    let socket = agent_socket(name)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

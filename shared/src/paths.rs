@@ -191,6 +191,22 @@ pub fn runtime_socket(name: &EdgeName) -> Result<PathBuf, PathsError> {
     Ok(path)
 }
 
+/// Where a home-agent run by root (`sudo home-agent connect`) listens, as
+/// `<name>.sock`: a directory only root can enter.
+pub const ROOT_SOCKET_DIR: &str = "/run/skerry";
+
+/// Where a home-agent run by `uid` from a login session or a plain shell
+/// listens for `name` (see [`runtime_socket`]). Root looks there when a
+/// command run with `sudo` finds no agent of its own: the user who typed
+/// it means theirs.
+pub fn user_sockets(uid: u32, name: &EdgeName) -> Vec<PathBuf> {
+    let session = PathBuf::from(format!("/run/user/{uid}"));
+    [Some(session.as_os_str()), None]
+        .into_iter()
+        .filter_map(|runtime| runtime_socket_from(runtime, None, uid, name).ok())
+        .collect()
+}
+
 /// An absolute path from an environment value, or `None` if it is unset,
 /// empty or relative (the XDG spec says to ignore relative values).
 fn absolute(value: Option<&OsStr>) -> Option<&Path> {
@@ -235,7 +251,7 @@ fn runtime_socket_from(
 ) -> Result<PathBuf, PathsError> {
     let dir = match absolute(xdg_runtime_dir) {
         Some(runtime) => runtime.join("skerry"),
-        None if uid == 0 => PathBuf::from("/run/skerry"),
+        None if uid == 0 => PathBuf::from(ROOT_SOCKET_DIR),
         None => absolute(tmpdir)
             .unwrap_or(Path::new("/tmp"))
             .join(format!("skerry-{uid}")),
@@ -531,6 +547,13 @@ mod tests {
         assert_eq!(
             runtime_socket_from(os("rel"), None, 1000, &n).unwrap(),
             Path::new("/tmp/skerry-1000/lab.sock")
+        );
+        assert_eq!(
+            user_sockets(1000, &n),
+            [
+                Path::new("/run/user/1000/skerry/lab.sock"),
+                Path::new("/tmp/skerry-1000/lab.sock")
+            ]
         );
         let long = format!("/{}", "d".repeat(100));
         assert!(matches!(

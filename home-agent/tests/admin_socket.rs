@@ -1,0 +1,132 @@
+//! `home-agent ports …` finds the agent it means when `connect` and the
+//! command were started one with `sudo` and one without: the two would
+//! otherwise look for the admin socket in different places and report that
+//! no agent runs.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use home_agent::admin::{Request, Response};
+use skerry::paths::ROOT_SOCKET_DIR;
+
+fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root (it plays `sudo` and another user): run it as root, as `sudo scripts/test` does"
+    );
+}
+
+/// A name no other test or agent uses.
+fn unique_name(tag: &str) -> String {
+    format!("t-{tag}-{}", std::process::id())
+}
+
+/// A directory removed when the test ends, however it ends.
+struct Removed(PathBuf);
+
+impl Drop for Removed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn ports_list(cmd: &mut Command, name: &str) -> Output {
+    cmd.args(["ports", "list", "--name", name])
+        .env_remove("XDG_RUNTIME_DIR")
+        .output()
+        .expect("running home-agent")
+}
+
+#[test]
+fn sudo_ports_reaches_the_agent_its_user_started() {
+    require_root();
+    let name = unique_name("sudo");
+    // A user with no session dir: their agent listens under /tmp.
+    let uid = 3_000_000 + std::process::id() % 1_000_000;
+    let dir = PathBuf::from(format!("/tmp/skerry-{uid}"));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .expect("the user's socket dir");
+    let _dir = Removed(dir.clone());
+    let listener =
+        UnixListener::bind(dir.join(format!("{name}.sock"))).expect("the agent's socket");
+    let agent = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().expect("a connection from `ports list`");
+        let mut line = String::new();
+        BufReader::new(&stream)
+            .read_line(&mut line)
+            .expect("the request");
+        let request: Request = serde_json::from_str(&line).expect("a request");
+        let mut answer = serde_json::to_vec(&Response::Ports { ports: Vec::new() }).unwrap();
+        answer.push(b'\n');
+        (&stream).write_all(&answer).expect("the answer");
+        request
+    });
+
+    let out = ports_list(
+        Command::new(env!("CARGO_BIN_EXE_home-agent")).env("SUDO_UID", uid.to_string()),
+        &name,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "`sudo home-agent ports list` did not reach the user's agent: {stderr}"
+    );
+    assert_eq!(agent.join().expect("the agent"), Request::List);
+    assert!(
+        stderr.contains(&format!(
+            "using the home-agent of the user who ran sudo, at {}",
+            dir.display()
+        )),
+        "it did not say whose agent it used: {stderr}"
+    );
+}
+
+#[test]
+fn ports_without_sudo_says_to_use_sudo_for_an_agent_root_started() {
+    require_root();
+    let name = unique_name("user");
+    // Root's socket dir, as an agent started with sudo leaves it.
+    let made_root_dir = !Path::new(ROOT_SOCKET_DIR).exists();
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(ROOT_SOCKET_DIR)
+        .expect("root's socket dir");
+    // The binary and a TMPDIR where another user can reach them.
+    let scratch = PathBuf::from(format!(
+        "/tmp/skerry-admin-socket-test-{}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&scratch).expect("scratch dir");
+    let _scratch = Removed(scratch.clone());
+    std::fs::set_permissions(&scratch, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+    let binary = scratch.join("home-agent");
+    std::fs::copy(env!("CARGO_BIN_EXE_home-agent"), &binary).expect("copy the binary");
+
+    let out = ports_list(
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(&binary)
+            .env("TMPDIR", &scratch)
+            .env_remove("SUDO_UID"),
+        &name,
+    );
+    if made_root_dir {
+        let _ = std::fs::remove_dir(ROOT_SOCKET_DIR);
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "it found an agent that does not run: {stderr}"
+    );
+    assert!(
+        stderr.contains("one started with sudo listens under /run/skerry")
+            && stderr.contains("run this command with sudo"),
+        "a user's `ports list` did not say to use sudo: {stderr}"
+    );
+}
