@@ -73,42 +73,54 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<PortSpec>, ConfigError> {
 }
 
 pub fn read(path: &Path) -> Result<Vec<PortSpec>, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+    parse(path, &read_text(path)?)
+}
+
+/// The file's text, through any symbolic links.
+pub fn read_text(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError {
         path: path.display().to_string(),
         line: 0,
         reason: e.to_string(),
-    })?;
-    parse(path, &text)
+    })
 }
 
 /// Follows `path` until `shutdown`: each saved version replaces the map,
-/// with `extra` (the `-p` entries of the command line) added.
+/// with `extra` (the `-p` entries of the command line) added. `loaded` is
+/// the text the running map came from.
+///
+/// A save that leaves the text as it was changes nothing (a `touch`, a
+/// sync tool rewriting the file), so it does not drop what `ports add|rm`
+/// changed since. A file that is a symbolic link is followed where it
+/// points too: a dotfile manager's link to another directory, or a
+/// Kubernetes ConfigMap volume, whose update swaps a `..data` link beside
+/// the file's own.
 pub async fn follow(
     path: PathBuf,
     extra: Vec<PortSpec>,
+    loaded: Option<String>,
     controller: Arc<Controller>,
     status: watch::Sender<HomeStatus>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .to_path_buf();
-    let file_name = path.file_name().map(ToOwned::to_owned);
     let (tx, mut rx) = mpsc::channel::<()>(16);
-    // Watch the directory, not the file: editors replace files by rename.
+    // Any change in the watched directories: which of their entries the
+    // file's text hangs on (links, `..data`) is not worth tracking, as
+    // reading it again is cheap and an unchanged text is passed over.
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
-        let ours = event
-            .paths
-            .iter()
-            .any(|p| p.file_name().map(ToOwned::to_owned) == file_name);
-        if ours && matches!(event.kind, EventKind::Create(_) | EventKind::Modify(_)) {
+        if matches!(event.kind, EventKind::Create(_) | EventKind::Modify(_)) {
             let _ = tx.try_send(());
         }
     })?;
-    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    // Directories, not the file: editors replace files by rename.
+    for dir in watched_dirs(&path) {
+        watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    }
+    let mut last = loaded;
+    // A save made since `connect` read the file (building a droplet takes
+    // minutes) raised no event here.
+    reload(&path, &extra, &mut last, &controller, &status).await;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
@@ -117,21 +129,50 @@ pub async fn follow(
         // Let the editor finish, then take everything that piled up.
         tokio::time::sleep(SETTLE).await;
         while rx.try_recv().is_ok() {}
-        reload(&path, &extra, &controller, &status).await;
+        reload(&path, &extra, &mut last, &controller, &status).await;
     }
     drop(watcher);
     Ok(())
 }
 
+/// The file's directory, and where it really lives if that is elsewhere.
+fn watched_dirs(path: &Path) -> Vec<PathBuf> {
+    let parent = |p: &Path| {
+        p.parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf()
+    };
+    let mut dirs = vec![parent(path)];
+    if let Ok(real) = std::fs::canonicalize(path) {
+        let real_dir = parent(&real);
+        if std::fs::canonicalize(&dirs[0]).ok().as_ref() != Some(&real_dir) {
+            dirs.push(real_dir);
+        }
+    }
+    dirs
+}
+
+/// Applies the file if its text is not `last`, the text last acted on.
 async fn reload(
     path: &Path,
     extra: &[PortSpec],
+    last: &mut Option<String>,
     controller: &Controller,
     status: &watch::Sender<HomeStatus>,
 ) {
-    let result = read(path).map(|mut specs| {
+    let text = read_text(path);
+    if let Ok(text) = &text
+        && last.as_ref() == Some(text)
+    {
+        return;
+    }
+    let result = text.and_then(|text| {
+        let specs = parse(path, &text);
+        *last = Some(text);
+        let mut specs = specs?;
         specs.extend(extra.iter().cloned());
-        specs
+        Ok(specs)
     });
     let outcome = match result {
         Ok(specs) => controller
@@ -162,6 +203,147 @@ async fn reload(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::admin::Request;
+    use skerry::portmap::{PortMap, Protocol};
+
+    fn ports(list: &[u16]) -> String {
+        let entries: Vec<String> = list
+            .iter()
+            .map(|p| format!("  \"tcp/{p}=127.0.0.1:{p}\",\n"))
+            .collect();
+        format!("ports = [\n{}]\n", entries.concat())
+    }
+
+    /// `follow` of `path` as `connect` starts it, from the text `loaded`; the
+    /// edge is not connected, so every change is taken at once.
+    struct Following {
+        map: watch::Receiver<skerry::portmap::PortMap>,
+        controller: Arc<Controller>,
+        stop: CancellationToken,
+    }
+
+    impl Following {
+        fn start(path: &Path, loaded: &str) -> Following {
+            let specs = parse(path, loaded).expect("a valid file");
+            let (map, refused) = PortMap::from_specs(1, specs);
+            assert!(refused.is_empty());
+            let (map_tx, map_rx) = watch::channel(map);
+            let (status_tx, status_rx) = watch::channel(HomeStatus::default());
+            let controller = Arc::new(Controller::new(
+                "test".into(),
+                "127.0.0.1:7443".parse().expect("an address"),
+                map_tx,
+                status_rx,
+                Some(path.to_owned()),
+            ));
+            let stop = CancellationToken::new();
+            tokio::spawn(follow(
+                path.to_owned(),
+                Vec::new(),
+                Some(loaded.to_owned()),
+                controller.clone(),
+                status_tx,
+                stop.clone(),
+            ));
+            Following {
+                map: map_rx,
+                controller,
+                stop,
+            }
+        }
+
+        /// Waits until the map serves TCP `port`; returns its generation.
+        async fn serves(&mut self, port: u16) -> u64 {
+            let wait = self
+                .map
+                .wait_for(|m| m.lookup(Protocol::Tcp, port).is_some());
+            tokio::time::timeout(Duration::from_secs(10), wait)
+                .await
+                .unwrap_or_else(|_| panic!("the file's port {port} was never applied"))
+                .expect("the map")
+                .generation()
+        }
+    }
+
+    impl Drop for Following {
+        fn drop(&mut self) {
+            self.stop.cancel();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_save_made_before_following_started_is_applied() {
+        let dir = tempfile::tempdir().expect("a scratch dir");
+        let path = dir.path().join("edge.toml");
+        std::fs::write(&path, ports(&[9001])).expect("the file");
+        // `connect` read the first version, then built a droplet for minutes.
+        let mut following = Following::start(&path, &ports(&[9000]));
+        following.serves(9001).await;
+    }
+
+    #[tokio::test]
+    async fn rewriting_the_same_text_keeps_ports_add_changes() {
+        let dir = tempfile::tempdir().expect("a scratch dir");
+        let path = dir.path().join("edge.toml");
+        std::fs::write(&path, ports(&[9000])).expect("the file");
+        let mut following = Following::start(&path, &ports(&[9000]));
+        following
+            .controller
+            .handle(Request::Add {
+                specs: vec!["tcp/9100=127.0.0.1:9100".into()],
+            })
+            .await;
+        assert_eq!(following.serves(9100).await, 2);
+        // A touch, a sync tool writing the file anew: nothing to apply.
+        std::fs::write(&path, ports(&[9000])).expect("the file");
+        tokio::time::sleep(SETTLE * 5).await;
+        assert!(
+            following.map.borrow().lookup(Protocol::Tcp, 9100).is_some(),
+            "rewriting the file unchanged dropped the port `ports add` opened"
+        );
+        // A real edit is applied, as the next generation.
+        std::fs::write(&path, ports(&[9000, 9001])).expect("the file");
+        assert_eq!(following.serves(9001).await, 3);
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_file_linked_from_elsewhere_is_followed_where_it_lives() {
+        let dir = tempfile::tempdir().expect("a scratch dir");
+        let (config, dotfiles) = (dir.path().join("config"), dir.path().join("dotfiles"));
+        std::fs::create_dir(&config).expect("dir");
+        std::fs::create_dir(&dotfiles).expect("dir");
+        let real = dotfiles.join("edge.toml");
+        std::fs::write(&real, ports(&[9000])).expect("the file");
+        let path = config.join("edge.toml");
+        std::os::unix::fs::symlink(&real, &path).expect("the link");
+        let mut following = Following::start(&path, &ports(&[9000]));
+        // Edited where it lives, as a dotfile manager's user does.
+        tokio::time::sleep(SETTLE).await;
+        std::fs::write(&real, ports(&[9000, 9001])).expect("the file");
+        following.serves(9001).await;
+    }
+
+    /// A ConfigMap volume: `edge.toml -> ..data/edge.toml`, `..data -> ..v1`;
+    /// an update writes `..v2` and swaps `..data` by rename.
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_kubernetes_configmap_update_is_followed() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().expect("a scratch dir");
+        let volume = dir.path();
+        for (version, list) in [("..v1", &[9000][..]), ("..v2", &[9000, 9001])] {
+            std::fs::create_dir(volume.join(version)).expect("dir");
+            std::fs::write(volume.join(version).join("edge.toml"), ports(list)).expect("file");
+        }
+        symlink("..v1", volume.join("..data")).expect("link");
+        symlink("..data/edge.toml", volume.join("edge.toml")).expect("link");
+        let mut following = Following::start(&volume.join("edge.toml"), &ports(&[9000]));
+        tokio::time::sleep(SETTLE).await;
+        symlink("..v2", volume.join("..data_tmp")).expect("link");
+        std::fs::rename(volume.join("..data_tmp"), volume.join("..data")).expect("swap");
+        following.serves(9001).await;
+    }
 
     #[test]
     fn parses_ports_and_names_the_bad_line() {

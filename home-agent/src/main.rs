@@ -273,12 +273,15 @@ fn connect(
         Some(p) => Some(p),
         None => Some(paths::config_dir()?.join(format!("{name}.toml"))).filter(|p| p.exists()),
     };
+    // The file's text as read here: the follower applies any later save.
+    let mut config_text = None;
     let map = match &config_file {
         None => cli_map.clone(),
         Some(path) => {
-            let mut file_specs = home_agent::config::read(path).with_context(|| {
-                "the config file is refused; fix it and start again".to_string()
-            })?;
+            let refused = || "the config file is refused; fix it and start again".to_string();
+            let text = home_agent::config::read_text(path).with_context(refused)?;
+            let mut file_specs = home_agent::config::parse(path, &text).with_context(refused)?;
+            config_text = Some(text);
             say!("port map from {}", path.display());
             file_specs.extend(cli_map.specs().iter().cloned());
             let (map, errors) = PortMap::from_specs(1, file_specs);
@@ -361,6 +364,7 @@ fn connect(
             let follower = home_agent::config::follow(
                 path,
                 cli_map.specs().to_vec(),
+                config_text.clone(),
                 controller.clone(),
                 status_tx.clone(),
                 shutdown.clone(),

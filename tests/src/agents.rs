@@ -130,9 +130,11 @@ impl Pair {
         let follower_status = status_tx.clone();
         let admin = spawn_in(&topo.home, move || async move {
             if let Some(path) = config {
+                let loaded = std::fs::read_to_string(&path).ok();
                 tokio::spawn(home_agent::config::follow(
                     path,
                     Vec::new(),
+                    loaded,
                     controller.clone(),
                     follower_status,
                     token.clone(),
