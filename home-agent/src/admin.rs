@@ -420,8 +420,25 @@ async fn serve_one(stream: UnixStream, controller: &Controller) -> std::io::Resu
     write.shutdown().await
 }
 
+/// How long a command waits for the agent's answer: the agent waits up to
+/// [`APPLY_TIMEOUT`] for the edge's.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Sends one request to the agent listening at `path`.
 pub async fn request(path: &Path, req: &Request) -> anyhow::Result<Response> {
+    tokio::time::timeout(ANSWER_TIMEOUT, exchange(path, req))
+        .await
+        .unwrap_or_else(|_| {
+            anyhow::bail!(
+                "the home-agent at {} did not answer within {} s: see its log (its terminal, or \
+                 journalctl), or restart it",
+                path.display(),
+                ANSWER_TIMEOUT.as_secs()
+            )
+        })
+}
+
+async fn exchange(path: &Path, req: &Request) -> anyhow::Result<Response> {
     use anyhow::Context;
     let stream = UnixStream::connect(path).await.with_context(|| {
         format!(

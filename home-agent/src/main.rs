@@ -424,9 +424,10 @@ struct Tuning {
 /// The running agent's admin socket for `name`: ours, or, when there is
 /// none, the one the user means. `connect` needs CAP_NET_ADMIN and is often
 /// run with `sudo` while `ports …` is not, or the other way round, and the
-/// two then look in different places.
+/// two then look in different places. Nothing is created here: a client
+/// only connects.
 fn agent_socket(name: &EdgeName) -> anyhow::Result<PathBuf> {
-    let own = paths::runtime_socket(name)?;
+    let own = paths::runtime_socket_path(name)?;
     if own.exists() {
         return Ok(own);
     }
@@ -436,11 +437,7 @@ fn agent_socket(name: &EdgeName) -> anyhow::Result<PathBuf> {
             .ok()
             .and_then(|uid| uid.parse::<u32>().ok())
             .filter(|&uid| uid != 0);
-        if let Some(theirs) = user
-            .into_iter()
-            .flat_map(|uid| paths::user_sockets(uid, name))
-            .find(|path| path.exists())
-        {
+        if let Some(theirs) = user.and_then(|uid| paths::user_socket(uid, name)) {
             say_err!(
                 "using the home-agent of the user who ran sudo, at {}",
                 theirs.display()
@@ -450,8 +447,9 @@ fn agent_socket(name: &EdgeName) -> anyhow::Result<PathBuf> {
     } else if Path::new(paths::ROOT_SOCKET_DIR).exists() {
         // Root's socket cannot even be looked for from here.
         bail!(
-            "no home-agent of yours is running for edge {name} (nothing at {}); one started with \
-             sudo listens under {}, which only root can enter: run this command with sudo",
+            "no home-agent of yours is running for edge {name} (nothing at {}). If you started \
+             it as root (with sudo), its socket is under {}, which only root can enter: run this \
+             command as root too; otherwise start one with `home-agent connect`",
             own.display(),
             paths::ROOT_SOCKET_DIR
         );

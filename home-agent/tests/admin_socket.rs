@@ -41,19 +41,44 @@ fn ports_list(cmd: &mut Command, name: &str) -> Output {
 }
 
 #[test]
-fn sudo_ports_reaches_the_agent_its_user_started() {
+fn sudo_ports_reaches_the_agent_its_user_started_and_only_it() {
     require_root();
     let name = unique_name("sudo");
-    // A user with no session dir: their agent listens under /tmp.
-    let uid = 3_000_000 + std::process::id() % 1_000_000;
+    // A user with no session dir (their agent listens under /tmp), and a uid
+    // no one has.
+    let uid = 4_000_000_000 + std::process::id() % 1_000_000;
     let dir = PathBuf::from(format!("/tmp/skerry-{uid}"));
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&dir)
         .expect("the user's socket dir");
     let _dir = Removed(dir.clone());
-    let listener =
-        UnixListener::bind(dir.join(format!("{name}.sock"))).expect("the agent's socket");
+    let socket = dir.join(format!("{name}.sock"));
+    let listener = UnixListener::bind(&socket).expect("the agent's socket");
+    let sudo_ports_list = || {
+        ports_list(
+            Command::new(env!("CARGO_BIN_EXE_home-agent")).env("SUDO_UID", uid.to_string()),
+            &name,
+        )
+    };
+
+    // Not the user's: someone else could have put it in the shared /tmp.
+    let out = sudo_ports_list();
+    assert!(
+        !out.status.success(),
+        "root used a socket dir that is not the user's: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    listener.set_nonblocking(true).expect("non-blocking");
+    assert!(
+        listener.accept().is_err(),
+        "root connected to a socket that is not the user's"
+    );
+    listener.set_nonblocking(false).expect("blocking");
+
+    std::os::unix::fs::chown(&dir, Some(uid), None).expect("chown");
+    std::os::unix::fs::chown(&socket, Some(uid), None).expect("chown");
     let agent = std::thread::spawn(move || {
         let (stream, _) = listener.accept().expect("a connection from `ports list`");
         let mut line = String::new();
@@ -66,11 +91,7 @@ fn sudo_ports_reaches_the_agent_its_user_started() {
         (&stream).write_all(&answer).expect("the answer");
         request
     });
-
-    let out = ports_list(
-        Command::new(env!("CARGO_BIN_EXE_home-agent")).env("SUDO_UID", uid.to_string()),
-        &name,
-    );
+    let out = sudo_ports_list();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
@@ -80,7 +101,7 @@ fn sudo_ports_reaches_the_agent_its_user_started() {
     assert!(
         stderr.contains(&format!(
             "using the home-agent of the user who ran sudo, at {}",
-            dir.display()
+            socket.display()
         )),
         "it did not say whose agent it used: {stderr}"
     );
@@ -107,6 +128,11 @@ fn ports_without_sudo_says_to_use_sudo_for_an_agent_root_started() {
     std::fs::set_permissions(&scratch, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
     let binary = scratch.join("home-agent");
     std::fs::copy(env!("CARGO_BIN_EXE_home-agent"), &binary).expect("copy the binary");
+    std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    assert!(
+        Command::new("setpriv").arg("--help").output().is_ok(),
+        "this test needs setpriv (util-linux): run scripts/install-deps"
+    );
 
     let out = ports_list(
         Command::new("setpriv")
@@ -125,8 +151,8 @@ fn ports_without_sudo_says_to_use_sudo_for_an_agent_root_started() {
         "it found an agent that does not run: {stderr}"
     );
     assert!(
-        stderr.contains("one started with sudo listens under /run/skerry")
-            && stderr.contains("run this command with sudo"),
+        stderr.contains("its socket is under /run/skerry")
+            && stderr.contains("run this command as root too"),
         "a user's `ports list` did not say to use sudo: {stderr}"
     );
 }

@@ -18,7 +18,7 @@ use std::ffi::OsStr;
 use std::fmt;
 use std::fs::{self, DirBuilder, File, OpenOptions, TryLockError};
 use std::io::{self, Read, Seek, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -179,16 +179,22 @@ pub fn config_dir() -> Result<PathBuf, PathsError> {
 /// prepared it in a shared `/tmp` to catch our connections).
 pub fn runtime_socket(name: &EdgeName) -> Result<PathBuf, PathsError> {
     let uid = nix::unistd::geteuid().as_raw();
-    let path = runtime_socket_from(
-        std::env::var_os("XDG_RUNTIME_DIR").as_deref(),
-        std::env::var_os("TMPDIR").as_deref(),
-        uid,
-        name,
-    )?;
+    let path = runtime_socket_path(name)?;
     if let Some(dir) = path.parent() {
         ensure_owned_private_dir(dir, uid)?;
     }
     Ok(path)
+}
+
+/// Where [`runtime_socket`] is, without making or checking its directory:
+/// for a client, which only connects.
+pub fn runtime_socket_path(name: &EdgeName) -> Result<PathBuf, PathsError> {
+    runtime_socket_from(
+        std::env::var_os("XDG_RUNTIME_DIR").as_deref(),
+        std::env::var_os("TMPDIR").as_deref(),
+        nix::unistd::geteuid().as_raw(),
+        name,
+    )
 }
 
 /// Where a home-agent run by root (`sudo home-agent connect`) listens, as
@@ -196,15 +202,32 @@ pub fn runtime_socket(name: &EdgeName) -> Result<PathBuf, PathsError> {
 pub const ROOT_SOCKET_DIR: &str = "/run/skerry";
 
 /// Where a home-agent run by `uid` from a login session or a plain shell
-/// listens for `name` (see [`runtime_socket`]). Root looks there when a
-/// command run with `sudo` finds no agent of its own: the user who typed
-/// it means theirs.
+/// listens for `name` (see [`runtime_socket`]; a `TMPDIR` of the user's
+/// own is not known here). Root looks there when a command run with `sudo`
+/// finds no agent of its own: the user who typed it means theirs.
 pub fn user_sockets(uid: u32, name: &EdgeName) -> Vec<PathBuf> {
     let session = PathBuf::from(format!("/run/user/{uid}"));
     [Some(session.as_os_str()), None]
         .into_iter()
         .filter_map(|runtime| runtime_socket_from(runtime, None, uid, name).ok())
         .collect()
+}
+
+/// The socket of the home-agent `uid` runs for `name`, if one is there and
+/// truly `uid`'s: a socket owned by `uid` in a directory of `uid`'s that no
+/// one else may write to. In a shared `/tmp` anyone could otherwise plant
+/// one (or a link) to catch root's requests and answer them.
+pub fn user_socket(uid: u32, name: &EdgeName) -> Option<PathBuf> {
+    user_sockets(uid, name).into_iter().find(|path| {
+        let owned = |p: &Path, is_kind: fn(&fs::FileType) -> bool| {
+            fs::symlink_metadata(p).is_ok_and(|m| {
+                is_kind(&m.file_type()) && m.uid() == uid && m.permissions().mode() & 0o022 == 0
+            })
+        };
+        path.parent()
+            .is_some_and(|dir| owned(dir, fs::FileType::is_dir))
+            && owned(path, |t| t.is_socket())
+    })
 }
 
 /// An absolute path from an environment value, or `None` if it is unset,
