@@ -208,6 +208,7 @@ impl Controller {
         if let Some((i, e)) = refused.first() {
             return Err(format!("entry {}: {e}", i + 1));
         }
+        skerry::protocol::check_map_size(&map.public()).map_err(|e| e.to_string())?;
         let keys = map
             .specs()
             .iter()
@@ -237,6 +238,20 @@ impl Controller {
         if generation == self.map.borrow().generation() {
             return ChangeReport {
                 generation,
+                entries,
+                note: None,
+            };
+        }
+        // Sent, it would fail every session: the change is refused whole.
+        if let Err(e) = skerry::protocol::check_map_size(&map.public()) {
+            for (i, _) in keys {
+                if let Some(entry) = entries.get_mut(i) {
+                    entry.ok = false;
+                    entry.message = format!("not applied: {e}");
+                }
+            }
+            return ChangeReport {
+                generation: self.map.borrow().generation(),
                 entries,
                 note: None,
             };
@@ -421,8 +436,9 @@ async fn serve_one(stream: UnixStream, controller: &Controller) -> std::io::Resu
 }
 
 /// How long a command waits for the agent's answer: the agent waits up to
-/// [`APPLY_TIMEOUT`] for the edge's.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// [`APPLY_TIMEOUT`] for the edge's, and a change may queue behind another
+/// (a config file's, another command's) that waits as long.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Sends one request to the agent listening at `path`.
 pub async fn request(path: &Path, req: &Request) -> anyhow::Result<Response> {
@@ -430,8 +446,9 @@ pub async fn request(path: &Path, req: &Request) -> anyhow::Result<Response> {
         .await
         .unwrap_or_else(|_| {
             anyhow::bail!(
-                "the home-agent at {} did not answer within {} s: see its log (its terminal, or \
-                 journalctl), or restart it",
+                "the home-agent at {} did not answer within {} s; a change may still be applied \
+                 (check with `home-agent ports list`), and its log (its terminal, or journalctl) \
+                 says what holds it up",
                 path.display(),
                 ANSWER_TIMEOUT.as_secs()
             )
@@ -461,6 +478,55 @@ async fn exchange(path: &Path, req: &Request) -> anyhow::Result<Response> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A change that would make the map too large to send to the edge is
+    /// refused whole, and the running map stays: sent, it would fail every
+    /// session, every port with it.
+    #[tokio::test]
+    async fn a_change_too_large_to_send_is_refused_and_changes_nothing() {
+        let (map, refused) =
+            PortMap::from_specs(1, vec!["tcp/80=127.0.0.1:80".parse().expect("a spec")]);
+        assert!(refused.is_empty());
+        let (map_tx, map_rx) = watch::channel(map);
+        let (_status_tx, status_rx) = watch::channel(HomeStatus::default());
+        let controller = Controller::new(
+            "test".into(),
+            "127.0.0.1:7443".parse().expect("an address"),
+            map_tx,
+            status_rx,
+            None,
+        );
+        // 200,000 prefixes in one allow list: over 1 MiB.
+        let allow: Vec<String> = (0..200_000u32)
+            .map(|i| format!("10.{}.{}.0/24", i >> 8 & 0xff, i & 0xff))
+            .collect();
+        let huge = format!("tcp/443=127.0.0.1:443,allow={}", allow.join(","));
+        let report = controller
+            .add(&[huge, "tcp/8080=127.0.0.1:8080".into()])
+            .await;
+        assert!(
+            report.entries.iter().all(|e| !e.ok),
+            "{:?}",
+            report
+                .entries
+                .iter()
+                .map(|e| &e.message)
+                .collect::<Vec<_>>()
+        );
+        assert!(
+            report.entries[0]
+                .message
+                .contains("more than the control channel's"),
+            "{}",
+            report.entries[0].message
+        );
+        assert_eq!(report.generation, 1);
+        assert_eq!(map_rx.borrow().generation(), 1, "the map was sent");
+        assert!(
+            controller.replace(vec![]).await.is_ok(),
+            "a small map still goes"
+        );
+    }
 
     #[test]
     fn requests_round_trip_as_json() {

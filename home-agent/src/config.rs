@@ -106,18 +106,21 @@ pub async fn follow(
     let (tx, mut rx) = mpsc::channel::<()>(16);
     // Any change in the watched directories: which of their entries the
     // file's text hangs on (links, `..data`) is not worth tracking, as
-    // reading it again is cheap and an unchanged text is passed over.
+    // reading it again is cheap and an unchanged text is passed over. A
+    // rescan (the kernel's event queue overflowed) counts too.
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
-        if matches!(event.kind, EventKind::Create(_) | EventKind::Modify(_)) {
+        if !matches!(event.kind, EventKind::Access(_)) {
             let _ = tx.try_send(());
         }
     })?;
-    // Directories, not the file: editors replace files by rename.
-    for dir in watched_dirs(&path) {
-        watcher.watch(&dir, RecursiveMode::NonRecursive)?;
-    }
-    let mut last = loaded;
+    // Directories, not the file: editors replace files by rename. The
+    // file's own must be watched; where a link leads is followed as far as
+    // it can be (a directory may be gone, or not ours to watch).
+    watcher.watch(&dir_of(&path), RecursiveMode::NonRecursive)?;
+    let mut elsewhere = None;
+    follow_link(&path, &mut watcher, &mut elsewhere);
+    let mut last = loaded.map(|text| Acted { text, error: None });
     // A save made since `connect` read the file (building a droplet takes
     // minutes) raised no event here.
     reload(&path, &extra, &mut last, &controller, &status).await;
@@ -126,78 +129,117 @@ pub async fn follow(
             () = shutdown.cancelled() => break,
             got = rx.recv() => if got.is_none() { break },
         }
-        // Let the editor finish, then take everything that piled up.
-        tokio::time::sleep(SETTLE).await;
-        while rx.try_recv().is_ok() {}
+        // Let the editor finish: wait until the directories are quiet (a
+        // busy one is read after a few seconds all the same).
+        for _ in 0..20 {
+            tokio::time::sleep(SETTLE).await;
+            if rx.try_recv().is_err() {
+                break;
+            }
+            while rx.try_recv().is_ok() {}
+        }
         reload(&path, &extra, &mut last, &controller, &status).await;
+        follow_link(&path, &mut watcher, &mut elsewhere);
     }
     drop(watcher);
     Ok(())
 }
 
-/// The file's directory, and where it really lives if that is elsewhere.
-fn watched_dirs(path: &Path) -> Vec<PathBuf> {
-    let parent = |p: &Path| {
-        p.parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."))
-            .to_path_buf()
-    };
-    let mut dirs = vec![parent(path)];
-    if let Ok(real) = std::fs::canonicalize(path) {
-        let real_dir = parent(&real);
-        if std::fs::canonicalize(&dirs[0]).ok().as_ref() != Some(&real_dir) {
-            dirs.push(real_dir);
+/// Watches the directory `path` leads to now, if that is not its own (a
+/// link may have been pointed elsewhere since), and no longer the one it
+/// left.
+fn follow_link(path: &Path, watcher: &mut impl Watcher, watched: &mut Option<PathBuf>) {
+    let now = link_target_dir(path);
+    if now == *watched {
+        return;
+    }
+    if let Some(gone) = watched.take() {
+        let _ = watcher.unwatch(&gone);
+    }
+    if let Some(dir) = now {
+        match watcher.watch(&dir, RecursiveMode::NonRecursive) {
+            Ok(()) => *watched = Some(dir),
+            Err(e) => warn!(
+                dir = %dir.display(),
+                error = %e,
+                "cannot follow where the config file's link leads; edits there are seen at the next change beside the link"
+            ),
         }
     }
-    dirs
 }
 
-/// Applies the file if its text is not `last`, the text last acted on.
+/// The text last read and what came of it, so that the same text again is
+/// passed over, and its outcome shown again.
+struct Acted {
+    text: String,
+    /// Why it was refused, if it was.
+    error: Option<String>,
+}
+
+fn dir_of(path: &Path) -> PathBuf {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf()
+}
+
+/// Where the file really lives, if that is not its own directory.
+fn link_target_dir(path: &Path) -> Option<PathBuf> {
+    let real_dir = dir_of(&std::fs::canonicalize(path).ok()?);
+    (std::fs::canonicalize(dir_of(path)).ok()? != real_dir).then_some(real_dir)
+}
+
+/// Applies the file if its text is not the one last acted on.
 async fn reload(
     path: &Path,
     extra: &[PortSpec],
-    last: &mut Option<String>,
+    last: &mut Option<Acted>,
     controller: &Controller,
     status: &watch::Sender<HomeStatus>,
 ) {
-    let text = read_text(path);
-    if let Ok(text) = &text
-        && last.as_ref() == Some(text)
-    {
+    let text = match read_text(path) {
+        Ok(text) => text,
+        Err(e) => {
+            // Gone or unreadable for now: the running map stays, and the
+            // same text back changes nothing either.
+            warn!(error = %e, "config file unreadable; the running map is unchanged");
+            status.send_modify(|s| s.config_error = Some(e.to_string()));
+            return;
+        }
+    };
+    if let Some(acted) = last.as_ref().filter(|a| a.text == text) {
+        status.send_modify(|s| s.config_error.clone_from(&acted.error));
         return;
     }
-    let result = text.and_then(|text| {
-        let specs = parse(path, &text);
-        *last = Some(text);
-        let mut specs = specs?;
-        specs.extend(extra.iter().cloned());
-        Ok(specs)
-    });
-    let outcome = match result {
-        Ok(specs) => controller
-            .replace(specs)
-            .await
-            .map_err(|reason| ConfigError {
-                path: path.display().to_string(),
-                line: 0,
-                reason,
-            }),
+    let outcome = match parse(path, &text) {
+        Ok(mut specs) => {
+            specs.extend(extra.iter().cloned());
+            controller
+                .replace(specs)
+                .await
+                .map_err(|reason| ConfigError {
+                    path: path.display().to_string(),
+                    line: 0,
+                    reason,
+                })
+        }
         Err(e) => Err(e),
     };
-    match outcome {
+    let error = match outcome {
         Ok(report) => {
             info!(file = %path.display(), generation = report.generation, "config file applied");
             for e in report.entries.iter().filter(|e| !e.ok) {
                 warn!(entry = %e.input, reason = %e.message, "edge refused an entry of the config file");
             }
-            status.send_modify(|s| s.config_error = None);
+            None
         }
         Err(e) => {
             warn!(error = %e, "config file refused; the running map is unchanged");
-            status.send_modify(|s| s.config_error = Some(e.to_string()));
+            Some(e.to_string())
         }
-    }
+    };
+    status.send_modify(|s| s.config_error.clone_from(&error));
+    *last = Some(Acted { text, error });
 }
 
 #[cfg(test)]
@@ -218,6 +260,7 @@ mod tests {
     /// edge is not connected, so every change is taken at once.
     struct Following {
         map: watch::Receiver<skerry::portmap::PortMap>,
+        status: watch::Receiver<HomeStatus>,
         controller: Arc<Controller>,
         stop: CancellationToken,
     }
@@ -237,6 +280,7 @@ mod tests {
                 Some(path.to_owned()),
             ));
             let stop = CancellationToken::new();
+            let status = status_tx.subscribe();
             tokio::spawn(follow(
                 path.to_owned(),
                 Vec::new(),
@@ -247,6 +291,7 @@ mod tests {
             ));
             Following {
                 map: map_rx,
+                status,
                 controller,
                 stop,
             }
@@ -287,6 +332,7 @@ mod tests {
         let path = dir.path().join("edge.toml");
         std::fs::write(&path, ports(&[9000])).expect("the file");
         let mut following = Following::start(&path, &ports(&[9000]));
+        tokio::time::sleep(SETTLE).await;
         following
             .controller
             .handle(Request::Add {
@@ -304,6 +350,33 @@ mod tests {
         // A real edit is applied, as the next generation.
         std::fs::write(&path, ports(&[9000, 9001])).expect("the file");
         assert_eq!(following.serves(9001).await, 3);
+    }
+
+    /// Until it is back, a file that went away is reported in `status`.
+    #[tokio::test]
+    async fn a_file_removed_and_put_back_as_it_was_is_reported_then_fine() {
+        let dir = tempfile::tempdir().expect("a scratch dir");
+        let path = dir.path().join("edge.toml");
+        std::fs::write(&path, ports(&[9000])).expect("the file");
+        let following = Following::start(&path, &ports(&[9000]));
+        tokio::time::sleep(SETTLE).await;
+        let error = |want: bool| {
+            let mut status = following.status.clone();
+            async move {
+                let wait = status.wait_for(|s| s.config_error.is_some() == want);
+                tokio::time::timeout(Duration::from_secs(10), wait)
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+            }
+        };
+        std::fs::remove_file(&path).expect("remove");
+        assert!(error(true).await, "the missing file was not reported");
+        std::fs::write(&path, ports(&[9000])).expect("the file");
+        assert!(
+            error(false).await,
+            "the error stayed with the file back as it was"
+        );
+        assert_eq!(following.map.borrow().generation(), 1, "nothing to apply");
     }
 
     #[cfg(unix)]

@@ -291,6 +291,8 @@ fn connect(
             map
         }
     };
+    skerry::protocol::check_map_size(&map.public())
+        .context("the ports are refused; fix them and start again")?;
     let dir = paths::state_dir(&name)?;
     let state = HomeState::open(&dir)?;
     let socket = paths::runtime_socket(&name)?;
@@ -382,7 +384,7 @@ fn connect(
             }
         });
         tokio::select! {
-            r = report_progress(started, edge_addr, &map, status_rx, local.as_ref()) => {
+            r = report_progress(started, edge_addr, &controller, map.generation(), status_rx, local.as_ref()) => {
                 match r {
                     Ok(n) => refused += n,
                     Err(e) => say_err!("home-agent: {e:#}"),
@@ -611,10 +613,15 @@ fn step(started: Instant, what: &str) {
 }
 
 /// Prints each phase as it completes; returns how many ports the edge refused.
+///
+/// The edge's first answer may be to a later map than the one `connect`
+/// started with (`first_generation`): a config file saved while it started
+/// is applied as soon as it runs.
 async fn report_progress(
     started: Instant,
     edge: SocketAddr,
-    map: &PortMap,
+    controller: &admin::Controller,
+    first_generation: u64,
     mut status: watch::Receiver<HomeStatus>,
     local: Option<&LocalEdge>,
 ) -> anyhow::Result<usize> {
@@ -645,12 +652,14 @@ async fn report_progress(
         .wait_for(|s| {
             s.applied
                 .as_ref()
-                .is_some_and(|a| a.generation == map.generation())
+                .is_some_and(|a| a.generation >= first_generation)
         })
         .await?
         .applied
         .clone()
         .context("no answer to the port map")?;
+    // The map answered, or a later one: targets are looked up, not shown.
+    let map = controller.map();
     let mut refused = 0;
     for r in &applied.results {
         let target = map

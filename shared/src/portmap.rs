@@ -33,6 +33,11 @@ use thiserror::Error;
 /// the edge, so a slip like `tcp/1-65535` must not open them all.
 pub const MAX_RANGE_LEN: u32 = 1024;
 
+/// The most entries a map holds (a range is one). The edge answers every
+/// entry of every map in one control frame, which this keeps well inside
+/// its limit; no one maps this many ports one by one.
+pub const MAX_ENTRIES: usize = 4096;
+
 const OPTIONS: &str = "proxy=v1|v2, allow=CIDR[,CIDR…], max-conns=N";
 const SYNTAX: &str = "PROTO/PORT[-END]=TARGET[,option…], e.g. tcp/443=127.0.0.1:8443";
 
@@ -121,6 +126,11 @@ pub enum PortSpecError {
     OverlapsMapped { key: PortKey },
     #[error("{key} is not mapped")]
     NotMapped { key: PortKey },
+    #[error(
+        "the map holds {MAX_ENTRIES} entries, the most it can: join ports into ranges \
+         (tcp/30000-30099=127.0.0.1:30000 is one entry)"
+    )]
+    MapFull,
     #[error("{key} is part of {entry}; remove {entry} instead")]
     PartOfEntry { key: PortKey, entry: PortKey },
 }
@@ -794,6 +804,7 @@ impl PortMap {
                         key: map.specs[i].key(),
                         entry: origin[i],
                     }),
+                    None if map.specs.len() >= MAX_ENTRIES => Err(PortSpecError::MapFull),
                     None => Ok(()),
                 });
             match checked {
@@ -841,6 +852,8 @@ impl PortMap {
             return Err(PortSpecError::OverlapsMapped {
                 key: self.specs[i].key(),
             });
+        } else if self.specs.len() >= MAX_ENTRIES {
+            return Err(PortSpecError::MapFull);
         } else {
             specs.push(spec);
         }
@@ -907,6 +920,29 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::net::SocketAddrV6;
+
+    #[test]
+    fn a_map_holds_at_most_max_entries_and_refuses_only_the_rest() {
+        let specs: Vec<PortSpec> = (1..=u16::try_from(MAX_ENTRIES + 2).unwrap())
+            .map(|p| spec(&format!("tcp/{p}=127.0.0.1:{p}")))
+            .collect();
+        let (map, refused) = PortMap::from_specs(1, specs);
+        assert_eq!(map.specs().len(), MAX_ENTRIES);
+        assert_eq!(
+            refused,
+            [
+                (MAX_ENTRIES, PortSpecError::MapFull),
+                (MAX_ENTRIES + 1, PortSpecError::MapFull)
+            ]
+        );
+        assert_eq!(
+            map.insert(spec("udp/9=127.0.0.1:9")).unwrap_err(),
+            PortSpecError::MapFull
+        );
+        // Retargeting an entry of a full map is no new entry.
+        assert!(map.insert(spec("tcp/1=127.0.0.1:2")).is_ok());
+        assert!(map.remove(&"tcp/1".parse().unwrap()).is_ok());
+    }
 
     fn spec(text: &str) -> PortSpec {
         text.parse()

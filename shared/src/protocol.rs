@@ -131,6 +131,35 @@ impl std::fmt::Display for EntryStatus {
     }
 }
 
+/// Whether a map of `entries` goes to the edge: its `ApplyPorts` must fit
+/// one control frame, or every session would fail at sending it and the
+/// whole tunnel with it. Only long `allow=` lists come near: an entry
+/// costs a few bytes, a CIDR up to 18.
+pub fn check_map_size(entries: &[PublicPort]) -> Result<(), MapTooLarge> {
+    let message = Message::ApplyPorts(ApplyPorts {
+        generation: u64::MAX,
+        entries: entries.to_vec(),
+        drain_grace_secs: u32::MAX,
+    });
+    let len = postcard::to_stdvec(&message).map_or(usize::MAX, |body| body.len());
+    if len > frame::MAX_FRAME_LEN {
+        return Err(MapTooLarge { len });
+    }
+    Ok(())
+}
+
+/// A port map too large to send to the edge.
+#[derive(Debug, Error, PartialEq, Eq, Clone)]
+#[error(
+    "the port map would take {len} bytes to send to the edge, more than the control channel's \
+     {max} (long allow= lists: merge their prefixes into wider ones, or share one list between \
+     ports by giving them as a range)",
+    max = frame::MAX_FRAME_LEN
+)]
+pub struct MapTooLarge {
+    pub len: usize,
+}
+
 /// Why a control session ends.
 #[derive(Debug, Error, PartialEq, Eq, Clone)]
 pub enum ProtocolError {
@@ -428,6 +457,38 @@ mod tests {
     use crate::frame::FrameDecoder;
     use crate::portmap::{PortPolicy, PortRange, Protocol};
     use proptest::prelude::*;
+
+    /// An entry whose allow list has `cidrs` prefixes.
+    fn allowing(port: u16, cidrs: u32) -> PublicPort {
+        let allow: Vec<String> = (0..cidrs)
+            .map(|i| format!("10.{}.{}.0/24", i >> 8 & 0xff, i & 0xff))
+            .collect();
+        let spec: crate::portmap::PortSpec =
+            format!("tcp/{port}=127.0.0.1:{port},allow={}", allow.join(","))
+                .parse()
+                .unwrap();
+        spec.public()
+    }
+
+    #[test]
+    fn a_map_too_large_for_one_frame_is_refused_before_it_is_sent() {
+        let small = vec![allowing(80, 1000), allowing(443, 1000)];
+        check_map_size(&small).unwrap();
+        // 30 entries of 10,000 prefixes: ~6 bytes each.
+        let large: Vec<PublicPort> = (1..=30).map(|p| allowing(p, 10_000)).collect();
+        let e = check_map_size(&large).unwrap_err();
+        assert!(e.len > frame::MAX_FRAME_LEN, "{e}");
+        // What the check refuses is what the frame would have refused.
+        let msg = Message::ApplyPorts(ApplyPorts {
+            generation: 2,
+            entries: large,
+            drain_grace_secs: 30,
+        });
+        assert!(matches!(
+            msg.encode(&mut Vec::new()),
+            Err(ProtocolError::Frame(_))
+        ));
+    }
 
     fn info() -> EdgeInfo {
         EdgeInfo {
