@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use notify::{EventKind, RecursiveMode, Watcher};
 use serde::Deserialize;
-use skerry::portmap::PortSpec;
+use skerry::portmap::{PortMap, PortSpec, PortSpecError};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -49,6 +49,66 @@ pub struct ConfigError {
 
 /// Parses a config file's text into port specs.
 pub fn parse(path: &Path, text: &str) -> Result<Vec<PortSpec>, ConfigError> {
+    Ok(parse_entries(path, text)?
+        .into_iter()
+        .map(|(_, spec)| spec)
+        .collect())
+}
+
+/// The specs of a map made of a config file's text and `extra` (the `-p`
+/// entries of the command line, after the file's): refused whole, at the
+/// first entry that cannot join the others (an overlap, one too many),
+/// named by its line and, for an overlap, the line of the entry it
+/// overlaps.
+pub fn parse_map(
+    path: &Path,
+    text: &str,
+    extra: &[PortSpec],
+) -> Result<Vec<PortSpec>, ConfigError> {
+    let entries = parse_entries(path, text)?;
+    let lines: Vec<usize> = entries.iter().map(|(line, _)| *line).collect();
+    let mut specs: Vec<PortSpec> = entries.into_iter().map(|(_, spec)| spec).collect();
+    specs.extend(extra.iter().cloned());
+    let (_, refused) = PortMap::from_specs(0, specs.clone());
+    let Some((i, e)) = refused.into_iter().next() else {
+        return Ok(specs);
+    };
+    let written = |i: usize| match (specs.get(i), lines.get(i)) {
+        (Some(spec), Some(_)) => format!("`{spec}`"),
+        (Some(spec), None) => format!("`-p {spec}`"),
+        (None, _) => String::new(),
+    };
+    let (line, reason) = match &e {
+        PortSpecError::OverlapsEntry { key, entry } => {
+            let on = |i| lines.get(i).map(|l| format!(" on line {l}"));
+            match (lines.get(i), on(*entry)) {
+                (Some(&line), Some(other)) => {
+                    (line, format!("{} overlaps {key}{other}", written(i)))
+                }
+                (Some(&line), None) => {
+                    (line, format!("{} overlaps {}", written(i), written(*entry)))
+                }
+                // A `-p` entry that overlaps one of the file's: that line.
+                (None, _) => (
+                    lines.get(*entry).copied().unwrap_or(0),
+                    format!("{} overlaps {key} here: drop one of them", written(i)),
+                ),
+            }
+        }
+        other => (
+            lines.get(i).copied().unwrap_or(0),
+            format!("{}: {other}", written(i)),
+        ),
+    };
+    Err(ConfigError {
+        path: path.display().to_string(),
+        line,
+        reason,
+    })
+}
+
+/// Each entry of a config file with the line it is on.
+fn parse_entries(path: &Path, text: &str) -> Result<Vec<(usize, PortSpec)>, ConfigError> {
     let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
     let error = |line, reason: String| ConfigError {
         path: path.display().to_string(),
@@ -62,12 +122,12 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<PortSpec>, ConfigError> {
     raw.ports
         .iter()
         .map(|entry| {
-            entry.get_ref().parse::<PortSpec>().map_err(|e| {
-                error(
-                    line_of(entry.span().start),
-                    format!("`{}`: {e}", entry.get_ref()),
-                )
-            })
+            let line = line_of(entry.span().start);
+            let spec = entry
+                .get_ref()
+                .parse::<PortSpec>()
+                .map_err(|e| error(line, format!("`{}`: {e}", entry.get_ref())))?;
+            Ok((line, spec))
         })
         .collect()
 }
@@ -211,18 +271,15 @@ async fn reload(
         status.send_modify(|s| s.config_error.clone_from(&acted.error));
         return;
     }
-    let outcome = match parse(path, &text) {
-        Ok(mut specs) => {
-            specs.extend(extra.iter().cloned());
-            controller
-                .replace(specs)
-                .await
-                .map_err(|reason| ConfigError {
-                    path: path.display().to_string(),
-                    line: 0,
-                    reason,
-                })
-        }
+    let outcome = match parse_map(path, &text, extra) {
+        Ok(specs) => controller
+            .replace(specs)
+            .await
+            .map_err(|reason| ConfigError {
+                path: path.display().to_string(),
+                line: 0,
+                reason,
+            }),
         Err(e) => Err(e),
     };
     let error = match outcome {
@@ -416,6 +473,26 @@ mod tests {
         symlink("..v2", volume.join("..data_tmp")).expect("link");
         std::fs::rename(volume.join("..data_tmp"), volume.join("..data")).expect("swap");
         following.serves(9001).await;
+    }
+
+    #[test]
+    fn entries_that_cannot_join_are_named_by_their_line() {
+        let p = Path::new("x.toml");
+        let text = "ports = [\n  \"tcp/80=127.0.0.1:8080\",\n  \"udp/53=127.0.0.1:53\",\n  \"tcp/70-90=127.0.0.1:7000\",\n]\n";
+        let e = parse_map(p, text, &[]).unwrap_err();
+        assert_eq!(e.line, 4, "{e}");
+        assert!(e.reason.contains("overlaps tcp/80 on line 2"), "{e}");
+        let one = "ports = [\n  \"tcp/80=127.0.0.1:8080\",\n]\n";
+        let dash_p: PortSpec = "tcp/80=127.0.0.1:9090".parse().unwrap();
+        let e = parse_map(p, one, &[dash_p]).unwrap_err();
+        assert_eq!(e.line, 2, "{e}");
+        assert!(
+            e.reason
+                .contains("`-p tcp/80=127.0.0.1:9090` overlaps tcp/80"),
+            "{e}"
+        );
+        let udp: PortSpec = "udp/80=127.0.0.1:80".parse().unwrap();
+        assert_eq!(parse_map(p, one, &[udp]).unwrap().len(), 2);
     }
 
     #[test]

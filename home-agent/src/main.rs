@@ -280,14 +280,12 @@ fn connect(
         Some(path) => {
             let refused = || "the config file is refused; fix it and start again".to_string();
             let text = home_agent::config::read_text(path).with_context(refused)?;
-            let mut file_specs = home_agent::config::parse(path, &text).with_context(refused)?;
+            let specs = home_agent::config::parse_map(path, &text, cli_map.specs())
+                .with_context(refused)?;
             config_text = Some(text);
             say!("port map from {}", path.display());
-            file_specs.extend(cli_map.specs().iter().cloned());
-            let (map, errors) = PortMap::from_specs(1, file_specs);
-            if let Some((i, e)) = errors.first() {
-                bail!("{}: entry {}: {e}", path.display(), i + 1);
-            }
+            // parse_map refused the file if any entry could not join.
+            let (map, _) = PortMap::from_specs(1, specs);
             map
         }
     };
