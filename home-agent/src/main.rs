@@ -469,18 +469,15 @@ fn admin_command(name: &EdgeName, req: &admin::Request, json: bool) -> anyhow::R
     if json {
         say!("{}", serde_json::to_string_pretty(&response)?);
     }
-    let ok = match &response {
-        admin::Response::Changed(c) => c.all_ok(),
-        admin::Response::Error { .. } => false,
-        _ => true,
-    };
     if !json {
         print_response(&response);
     }
-    Ok(if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(EXIT_PORTS_REFUSED)
+    Ok(match &response {
+        admin::Response::Changed(c) if !c.all_ok() => ExitCode::from(EXIT_PORTS_REFUSED),
+        // The agent could not take the request (say, an older agent than
+        // this command): an error, not a refused entry.
+        admin::Response::Error { .. } => ExitCode::FAILURE,
+        _ => ExitCode::SUCCESS,
     })
 }
 

@@ -156,3 +156,44 @@ fn ports_without_sudo_says_to_use_sudo_for_an_agent_root_started() {
         "a user's `ports list` did not say to use sudo: {stderr}"
     );
 }
+
+/// An agent that cannot take the request (an older one than the command)
+/// makes the command fail with its message, as an error (exit 1), not as
+/// a refused entry (exit 3).
+#[test]
+fn an_agent_that_cannot_take_the_request_is_an_error() {
+    let runtime = PathBuf::from(format!(
+        "/tmp/skerry-admin-socket-error-{}",
+        std::process::id()
+    ));
+    let _runtime = Removed(runtime.clone());
+    std::fs::create_dir_all(runtime.join("skerry")).expect("runtime dir");
+    let name = unique_name("error");
+    let listener =
+        UnixListener::bind(runtime.join("skerry").join(format!("{name}.sock"))).expect("socket");
+    let agent = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().expect("a connection");
+        let mut line = String::new();
+        BufReader::new(&stream)
+            .read_line(&mut line)
+            .expect("the request");
+        let answer = Response::Error {
+            message: "malformed request: unknown variant".into(),
+        };
+        let mut answer = serde_json::to_vec(&answer).unwrap();
+        answer.push(b'\n');
+        (&stream).write_all(&answer).expect("the answer");
+    });
+    let out = Command::new(env!("CARGO_BIN_EXE_home-agent"))
+        .args(["ports", "list", "--name", &name])
+        .env("XDG_RUNTIME_DIR", &runtime)
+        .output()
+        .expect("running home-agent");
+    agent.join().expect("the agent");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("malformed request: unknown variant"),
+        "{stderr}"
+    );
+}
