@@ -244,11 +244,9 @@ impl Controller {
         }
         // Sent, it would fail every session: the change is refused whole.
         if let Err(e) = skerry::protocol::check_map_size(&map.public()) {
-            for (i, _) in keys {
-                if let Some(entry) = entries.get_mut(i) {
-                    entry.ok = false;
-                    entry.message = format!("not applied: {e}");
-                }
+            for entry in entries.iter_mut().filter(|e| e.ok) {
+                entry.ok = false;
+                entry.message = format!("not applied: {e}");
             }
             return ChangeReport {
                 generation: self.map.borrow().generation(),

@@ -198,8 +198,10 @@ pub async fn follow(
             }
             while rx.try_recv().is_ok() {}
         }
-        reload(&path, &extra, &mut last, &controller, &status).await;
+        // Watched first: an edit where the link now leads, made while
+        // this reads, is not missed.
         follow_link(&path, &mut watcher, &mut elsewhere);
+        reload(&path, &extra, &mut last, &controller, &status).await;
     }
     drop(watcher);
     Ok(())
@@ -207,9 +209,15 @@ pub async fn follow(
 
 /// Watches the directory `path` leads to now, if that is not its own (a
 /// link may have been pointed elsewhere since), and no longer the one it
-/// left.
+/// left. A file gone for now (removed, to be put back) keeps the watch it
+/// had: its return is an event there.
 fn follow_link(path: &Path, watcher: &mut impl Watcher, watched: &mut Option<PathBuf>) {
-    let now = link_target_dir(path);
+    let Ok(real) = std::fs::canonicalize(path) else {
+        return;
+    };
+    let real_dir = dir_of(&real);
+    let now =
+        (std::fs::canonicalize(dir_of(path)).ok().as_ref() != Some(&real_dir)).then_some(real_dir);
     if now == *watched {
         return;
     }
@@ -243,12 +251,6 @@ fn dir_of(path: &Path) -> PathBuf {
         .to_path_buf()
 }
 
-/// Where the file really lives, if that is not its own directory.
-fn link_target_dir(path: &Path) -> Option<PathBuf> {
-    let real_dir = dir_of(&std::fs::canonicalize(path).ok()?);
-    (std::fs::canonicalize(dir_of(path)).ok()? != real_dir).then_some(real_dir)
-}
-
 /// Applies the file if its text is not the one last acted on.
 async fn reload(
     path: &Path,
@@ -268,7 +270,11 @@ async fn reload(
         }
     };
     if let Some(acted) = last.as_ref().filter(|a| a.text == text) {
-        status.send_modify(|s| s.config_error.clone_from(&acted.error));
+        status.send_if_modified(|s| {
+            let changed = s.config_error != acted.error;
+            s.config_error.clone_from(&acted.error);
+            changed
+        });
         return;
     }
     let outcome = match parse_map(path, &text, extra) {
@@ -452,6 +458,17 @@ mod tests {
         tokio::time::sleep(SETTLE).await;
         std::fs::write(&real, ports(&[9000, 9001])).expect("the file");
         following.serves(9001).await;
+        // Removed where it lives and put back a while later (a dotfile
+        // tool, a checkout): still followed there.
+        std::fs::remove_file(&real).expect("remove");
+        let mut status = following.status.clone();
+        let reported = status.wait_for(|s| s.config_error.is_some());
+        tokio::time::timeout(Duration::from_secs(10), reported)
+            .await
+            .expect("the missing file reported")
+            .expect("status");
+        std::fs::write(&real, ports(&[9000, 9002])).expect("the file");
+        following.serves(9002).await;
     }
 
     /// A ConfigMap volume: `edge.toml -> ..data/edge.toml`, `..data -> ..v1`;

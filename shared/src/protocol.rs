@@ -180,6 +180,12 @@ pub enum ProtocolError {
     Refused(String),
     #[error("text field of {0} bytes is longer than {MAX_TEXT_LEN}")]
     TextTooLong(usize),
+    #[error(
+        "a port map of {0} entries, more than the {max} a map holds: update the home-agent, which \
+         refuses such a map itself",
+        max = crate::portmap::MAX_ENTRIES
+    )]
+    TooManyEntries(usize),
 }
 
 impl Message {
@@ -411,6 +417,14 @@ impl EdgeSession {
                     }),
                 })
             }
+            // More entries than a map holds (a home-agent from before the
+            // limit): refused before anything opens, as the answer to
+            // every entry might not fit a frame.
+            (EdgeState::Established(_), Message::ApplyPorts(a))
+                if a.entries.len() > crate::portmap::MAX_ENTRIES =>
+            {
+                Err(ProtocolError::TooManyEntries(a.entries.len()))
+            }
             (EdgeState::Established(_), Message::ApplyPorts(a)) => Ok(EdgeAction::Apply(a)),
             (EdgeState::Established(_), Message::Ping(n)) => {
                 Ok(EdgeAction::Reply(Message::Pong(n)))
@@ -506,6 +520,39 @@ mod tests {
         let mut d = FrameDecoder::new();
         d.feed(&bytes).unwrap();
         Message::decode(&d.next_frame().unwrap().unwrap()).unwrap()
+    }
+
+    /// An edge refuses a map of more entries than a map holds before it
+    /// opens anything: its answer to each might not fit a frame.
+    #[test]
+    fn the_edge_refuses_a_map_of_too_many_entries() {
+        let (_, hello) = HomeSession::start([1; 32]);
+        let mut edge = EdgeSession::new(info());
+        edge.handle(wire(&hello)).unwrap();
+        let entries: Vec<PublicPort> = (1..=u16::try_from(crate::portmap::MAX_ENTRIES + 1)
+            .unwrap())
+            .map(|port| PublicPort {
+                protocol: Protocol::Udp,
+                ports: PortRange::new(port, port).unwrap(),
+                policy: PortPolicy::default(),
+            })
+            .collect();
+        let apply = |entries: Vec<PublicPort>| {
+            Message::ApplyPorts(ApplyPorts {
+                generation: 2,
+                entries,
+                drain_grace_secs: 30,
+            })
+        };
+        let fitting = entries[..crate::portmap::MAX_ENTRIES].to_vec();
+        assert!(matches!(
+            edge.handle(wire(&apply(entries))),
+            Err(ProtocolError::TooManyEntries(n)) if n == crate::portmap::MAX_ENTRIES + 1
+        ));
+        assert!(matches!(
+            edge.handle(wire(&apply(fitting))),
+            Ok(EdgeAction::Apply(_))
+        ));
     }
 
     #[test]
