@@ -51,7 +51,7 @@ pub struct ConfigError {
 pub fn parse(path: &Path, text: &str) -> Result<Vec<PortSpec>, ConfigError> {
     Ok(parse_entries(path, text)?
         .into_iter()
-        .map(|(_, spec)| spec)
+        .map(|entry| entry.spec)
         .collect())
 }
 
@@ -66,37 +66,46 @@ pub fn parse_map(
     extra: &[PortSpec],
 ) -> Result<Vec<PortSpec>, ConfigError> {
     let entries = parse_entries(path, text)?;
-    let lines: Vec<usize> = entries.iter().map(|(line, _)| *line).collect();
-    let mut specs: Vec<PortSpec> = entries.into_iter().map(|(_, spec)| spec).collect();
+    let in_file = entries.len();
+    let mut specs: Vec<PortSpec> = entries.iter().map(|e| e.spec.clone()).collect();
     specs.extend(extra.iter().cloned());
     let (_, refused) = PortMap::from_specs(0, specs.clone());
     let Some((i, e)) = refused.into_iter().next() else {
         return Ok(specs);
     };
-    let written = |i: usize| match (specs.get(i), lines.get(i)) {
-        (Some(spec), Some(_)) => format!("`{spec}`"),
-        (Some(spec), None) => format!("`-p {spec}`"),
-        (None, _) => String::new(),
+    // As the user wrote it: the file's entries as they stand in it.
+    let written = |i: usize| match (entries.get(i), specs.get(i)) {
+        (Some(entry), _) => format!("`{}`", entry.written),
+        (None, Some(spec)) => format!("`-p {spec}`"),
+        (None, None) => String::new(),
     };
-    let (line, reason) = match &e {
-        PortSpecError::OverlapsEntry { key, entry } => {
-            let on = |i| lines.get(i).map(|l| format!(" on line {l}"));
-            match (lines.get(i), on(*entry)) {
-                (Some(&line), Some(other)) => {
-                    (line, format!("{} overlaps {key}{other}", written(i)))
-                }
-                (Some(&line), None) => {
-                    (line, format!("{} overlaps {}", written(i), written(*entry)))
-                }
-                // A `-p` entry that overlaps one of the file's: that line.
-                (None, _) => (
-                    lines.get(*entry).copied().unwrap_or(0),
-                    format!("{} overlaps {key} here: drop one of them", written(i)),
-                ),
-            }
-        }
-        other => (
-            lines.get(i).copied().unwrap_or(0),
+    let line_of = |i: usize| entries.get(i).map(|e| e.line);
+    let last_line = entries.last().map_or(1, |e| e.line);
+    let (line, reason) = match (&e, line_of(i)) {
+        // The earlier of two overlapping entries is never the one refused,
+        // so a file entry overlaps one of the file's.
+        (PortSpecError::OverlapsEntry { key, entry }, Some(line)) => (
+            line,
+            format!(
+                "{} overlaps {key} on line {}: drop or narrow one of them",
+                written(i),
+                line_of(*entry).unwrap_or(0)
+            ),
+        ),
+        // A `-p` entry that overlaps one of the file's: that line.
+        (PortSpecError::OverlapsEntry { key, entry }, None) => (
+            line_of(*entry).unwrap_or(last_line),
+            format!("{} overlaps {key} here: drop one of them", written(i)),
+        ),
+        (PortSpecError::MapFull, None) => (
+            last_line,
+            format!(
+                "the file's {in_file} entries leave no room for {}: {e}",
+                written(i)
+            ),
+        ),
+        (other, line) => (
+            line.unwrap_or(last_line),
             format!("{}: {other}", written(i)),
         ),
     };
@@ -107,8 +116,16 @@ pub fn parse_map(
     })
 }
 
-/// Each entry of a config file with the line it is on.
-fn parse_entries(path: &Path, text: &str) -> Result<Vec<(usize, PortSpec)>, ConfigError> {
+/// One entry of a config file.
+struct Entry {
+    line: usize,
+    /// As it stands in the file.
+    written: String,
+    spec: PortSpec,
+}
+
+/// Each entry of a config file, with the line it is on.
+fn parse_entries(path: &Path, text: &str) -> Result<Vec<Entry>, ConfigError> {
     let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
     let error = |line, reason: String| ConfigError {
         path: path.display().to_string(),
@@ -123,11 +140,15 @@ fn parse_entries(path: &Path, text: &str) -> Result<Vec<(usize, PortSpec)>, Conf
         .iter()
         .map(|entry| {
             let line = line_of(entry.span().start);
-            let spec = entry
-                .get_ref()
+            let written = entry.get_ref().clone();
+            let spec = written
                 .parse::<PortSpec>()
-                .map_err(|e| error(line, format!("`{}`: {e}", entry.get_ref())))?;
-            Ok((line, spec))
+                .map_err(|e| error(line, format!("`{written}`: {e}")))?;
+            Ok(Entry {
+                line,
+                written,
+                spec,
+            })
         })
         .collect()
 }
@@ -265,7 +286,12 @@ async fn reload(
             // Gone or unreadable for now: the running map stays, and the
             // same text back changes nothing either.
             warn!(error = %e, "config file unreadable; the running map is unchanged");
-            status.send_modify(|s| s.config_error = Some(e.to_string()));
+            let error = Some(e.to_string());
+            status.send_if_modified(|s| {
+                let changed = s.config_error != error;
+                s.config_error = error;
+                changed
+            });
             return;
         }
     };
@@ -499,6 +525,7 @@ mod tests {
         let e = parse_map(p, text, &[]).unwrap_err();
         assert_eq!(e.line, 4, "{e}");
         assert!(e.reason.contains("overlaps tcp/80 on line 2"), "{e}");
+        assert!(e.reason.starts_with("`tcp/70-90=127.0.0.1:7000`"), "{e}");
         let one = "ports = [\n  \"tcp/80=127.0.0.1:8080\",\n]\n";
         let dash_p: PortSpec = "tcp/80=127.0.0.1:9090".parse().unwrap();
         let e = parse_map(p, one, &[dash_p]).unwrap_err();

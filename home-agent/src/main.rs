@@ -555,7 +555,10 @@ fn print_response(response: &admin::Response) {
                 say!("note: {n}");
             }
         }
-        admin::Response::Error { message } => say_err!("home-agent: {message}"),
+        admin::Response::Error { message } => say_err!(
+            "home-agent: the running agent could not take the request: {message} (it may be \
+             older than this command: restart it)"
+        ),
     }
 }
 

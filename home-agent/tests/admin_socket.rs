@@ -33,6 +33,26 @@ impl Drop for Removed {
     }
 }
 
+/// The command's connection, if it comes within 60 s (the test fails
+/// instead of hanging when it does not).
+fn accept_within(listener: &UnixListener) -> Option<std::os::unix::net::UnixStream> {
+    listener.set_nonblocking(true).expect("non-blocking");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream.set_nonblocking(false).expect("blocking");
+                return Some(stream);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+    None
+}
+
 fn ports_list(cmd: &mut Command, name: &str) -> Output {
     cmd.args(["ports", "list", "--name", name])
         .env_remove("XDG_RUNTIME_DIR")
@@ -75,12 +95,11 @@ fn sudo_ports_reaches_the_agent_its_user_started_and_only_it() {
         listener.accept().is_err(),
         "root connected to a socket that is not the user's"
     );
-    listener.set_nonblocking(false).expect("blocking");
 
     std::os::unix::fs::chown(&dir, Some(uid), None).expect("chown");
     std::os::unix::fs::chown(&socket, Some(uid), None).expect("chown");
     let agent = std::thread::spawn(move || {
-        let (stream, _) = listener.accept().expect("a connection from `ports list`");
+        let stream = accept_within(&listener).expect("a connection from `ports list`");
         let mut line = String::new();
         BufReader::new(&stream)
             .read_line(&mut line)
@@ -172,7 +191,7 @@ fn an_agent_that_cannot_take_the_request_is_an_error() {
     let listener =
         UnixListener::bind(runtime.join("skerry").join(format!("{name}.sock"))).expect("socket");
     let agent = std::thread::spawn(move || {
-        let (stream, _) = listener.accept().expect("a connection");
+        let stream = accept_within(&listener).expect("a connection");
         let mut line = String::new();
         BufReader::new(&stream)
             .read_line(&mut line)

@@ -181,8 +181,9 @@ pub enum ProtocolError {
     #[error("text field of {0} bytes is longer than {MAX_TEXT_LEN}")]
     TextTooLong(usize),
     #[error(
-        "a port map of {0} entries, more than the {max} a map holds: update the home-agent, which \
-         refuses such a map itself",
+        "a port map of {0} entries, more than the {max} a map holds: join ports into ranges \
+         (tcp/30000-30099=… is one entry); a home-agent of this edge's version or later names \
+         the entries over the limit",
         max = crate::portmap::MAX_ENTRIES
     )]
     TooManyEntries(usize),
