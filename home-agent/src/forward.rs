@@ -521,17 +521,7 @@ mod tests {
     async fn a_udp_target_that_never_pauses_lets_other_tasks_run() {
         const QUEUED: usize = 1000;
         let target = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let spec = format!("udp/9000={}", target.local_addr().unwrap())
-            .parse()
-            .unwrap();
-        let (map, refused) = PortMap::from_specs(1, vec![spec]);
-        assert!(refused.is_empty());
-        let fwd = Arc::new(Forwarding::new(
-            map,
-            Ipv4Addr::LOCALHOST,
-            Duration::from_secs(30),
-            DeadPeer::default(),
-        ));
+        let fwd = forwarding(&format!("udp/9000={}", target.local_addr().unwrap()));
         let tunnel = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
         let edge = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         edge.set_nonblocking(true).unwrap();
@@ -607,18 +597,22 @@ mod tests {
         addr
     }
 
-    /// Home's forwarding to `target` on public port 9000, and a flow to it
-    /// as the edge's end and home's accepted end.
-    async fn setup(target: SocketAddr) -> (Arc<Forwarding>, TcpStream, TcpStream) {
-        let spec = format!("tcp/9000={target}").parse().unwrap();
-        let (map, refused) = PortMap::from_specs(1, vec![spec]);
+    /// Home's forwarding of one port, the edge on loopback.
+    fn forwarding(spec: &str) -> Arc<Forwarding> {
+        let (map, refused) = PortMap::from_specs(1, vec![spec.parse().unwrap()]);
         assert!(refused.is_empty());
-        let fwd = Arc::new(Forwarding::new(
+        Arc::new(Forwarding::new(
             map,
             Ipv4Addr::LOCALHOST,
             Duration::from_secs(30),
             DeadPeer::default(),
-        ));
+        ))
+    }
+
+    /// Home's forwarding to `target` on public port 9000, and a flow to it
+    /// as the edge's end and home's accepted end.
+    async fn setup(target: SocketAddr) -> (Arc<Forwarding>, TcpStream, TcpStream) {
+        let fwd = forwarding(&format!("tcp/9000={target}"));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let edge = TcpStream::connect(listener.local_addr().unwrap())
             .await

@@ -53,6 +53,22 @@ fn accept_within(listener: &UnixListener) -> Option<std::os::unix::net::UnixStre
     None
 }
 
+/// An agent on `listener` that takes one request and gives `answer`;
+/// joined, it returns the request.
+fn fake_agent(listener: UnixListener, answer: Response) -> std::thread::JoinHandle<Request> {
+    std::thread::spawn(move || {
+        let stream = accept_within(&listener).expect("a connection from `home-agent ports`");
+        let mut line = String::new();
+        BufReader::new(&stream)
+            .read_line(&mut line)
+            .expect("the request");
+        let mut bytes = serde_json::to_vec(&answer).expect("an answer");
+        bytes.push(b'\n');
+        (&stream).write_all(&bytes).expect("the answer");
+        serde_json::from_str(&line).expect("a request")
+    })
+}
+
 fn ports_list(cmd: &mut Command, name: &str) -> Output {
     cmd.args(["ports", "list", "--name", name])
         .env_remove("XDG_RUNTIME_DIR")
@@ -98,18 +114,7 @@ fn sudo_ports_reaches_the_agent_its_user_started_and_only_it() {
 
     std::os::unix::fs::chown(&dir, Some(uid), None).expect("chown");
     std::os::unix::fs::chown(&socket, Some(uid), None).expect("chown");
-    let agent = std::thread::spawn(move || {
-        let stream = accept_within(&listener).expect("a connection from `ports list`");
-        let mut line = String::new();
-        BufReader::new(&stream)
-            .read_line(&mut line)
-            .expect("the request");
-        let request: Request = serde_json::from_str(&line).expect("a request");
-        let mut answer = serde_json::to_vec(&Response::Ports { ports: Vec::new() }).unwrap();
-        answer.push(b'\n');
-        (&stream).write_all(&answer).expect("the answer");
-        request
-    });
+    let agent = fake_agent(listener, Response::Ports { ports: Vec::new() });
     let out = sudo_ports_list();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -190,19 +195,12 @@ fn an_agent_that_cannot_take_the_request_is_an_error() {
     let name = unique_name("error");
     let listener =
         UnixListener::bind(runtime.join("skerry").join(format!("{name}.sock"))).expect("socket");
-    let agent = std::thread::spawn(move || {
-        let stream = accept_within(&listener).expect("a connection");
-        let mut line = String::new();
-        BufReader::new(&stream)
-            .read_line(&mut line)
-            .expect("the request");
-        let answer = Response::Error {
+    let agent = fake_agent(
+        listener,
+        Response::Error {
             message: "malformed request: unknown variant".into(),
-        };
-        let mut answer = serde_json::to_vec(&answer).unwrap();
-        answer.push(b'\n');
-        (&stream).write_all(&answer).expect("the answer");
-    });
+        },
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_home-agent"))
         .args(["ports", "list", "--name", &name])
         .env("XDG_RUNTIME_DIR", &runtime)
