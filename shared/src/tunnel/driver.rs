@@ -279,7 +279,7 @@ async fn control_loop(
     let mut tick = tokio::time::interval(TIMER_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ticks: u32 = 0;
-    initiate(&ctx, &mut out).await;
+    initiate(&ctx, &mut out, false).await;
     loop {
         tokio::select! {
             biased;
@@ -287,9 +287,9 @@ async fn control_loop(
             cmd = commands.recv() => match cmd {
                 Some(Command::SetPeer(key)) => {
                     set_peer(&ctx, key);
-                    initiate(&ctx, &mut out).await;
+                    initiate(&ctx, &mut out, false).await;
                 }
-                Some(Command::Handshake) => initiate(&ctx, &mut out).await,
+                Some(Command::Handshake) => initiate(&ctx, &mut out, true).await,
                 Some(Command::Keepalive) => keepalive(&ctx, &mut out).await,
                 None => break,
             },
@@ -331,7 +331,11 @@ async fn control_loop(
 
 /// The home side starts the handshake at once, so the tunnel is up before
 /// the first flow needs it.
-async fn initiate(ctx: &Context, out: &mut [u8]) {
+/// Sends a handshake initiation (home side). `anew` starts one even while
+/// another is in progress: one sent while the edge served another home
+/// (taken over) went unanswered, and boringtun would send the next only at
+/// its retry, 5 s on.
+async fn initiate(ctx: &Context, out: &mut [u8], anew: bool) {
     if !ctx.fixed {
         return;
     }
@@ -339,7 +343,7 @@ async fn initiate(ctx: &Context, out: &mut [u8]) {
         let mut sh = ctx.lock();
         let to = sh.endpoint;
         let Some(tunn) = sh.tunn.as_mut() else { return };
-        match tunn.format_handshake_initiation(out, false) {
+        match tunn.format_handshake_initiation(out, anew) {
             TunnResult::WriteToNetwork(p) => (to, p.len()),
             _ => return,
         }
