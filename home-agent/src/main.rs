@@ -429,6 +429,8 @@ struct Tuning {
 fn agent_socket(name: &EdgeName) -> anyhow::Result<PathBuf> {
     let own = paths::runtime_socket_path(name)?;
     if own.exists() {
+        // In a shared /tmp, anyone could have made it to catch our requests.
+        paths::owned_socket(&own, nix::unistd::geteuid().as_raw())?;
         return Ok(own);
     }
     if nix::unistd::geteuid().is_root() {

@@ -69,6 +69,88 @@ fn fake_agent(listener: UnixListener, answer: Response) -> std::thread::JoinHand
     })
 }
 
+/// The home-agent binary run as another user (uid 65534, no session dir),
+/// with a TMPDIR of its own: its admin socket is `<scratch>/skerry-65534/`.
+struct Nobody {
+    scratch: Removed,
+    binary: PathBuf,
+}
+
+impl Nobody {
+    const UID: u32 = 65534;
+
+    fn new(tag: &str) -> Nobody {
+        assert!(
+            Command::new("setpriv").arg("--help").output().is_ok(),
+            "this test needs setpriv (util-linux): run scripts/install-deps"
+        );
+        // The binary and a TMPDIR where the other user can reach them.
+        let scratch = PathBuf::from(format!(
+            "/tmp/skerry-admin-socket-{tag}-{}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&scratch).expect("scratch dir");
+        let scratch = Removed(scratch);
+        std::fs::set_permissions(&scratch.0, std::fs::Permissions::from_mode(0o1777))
+            .expect("chmod");
+        let binary = scratch.0.join("home-agent");
+        std::fs::copy(env!("CARGO_BIN_EXE_home-agent"), &binary).expect("copy the binary");
+        std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        Nobody { scratch, binary }
+    }
+
+    fn home_agent(&self) -> Command {
+        let mut cmd = Command::new("setpriv");
+        cmd.args([
+            &format!("--reuid={}", Self::UID),
+            &format!("--regid={}", Self::UID),
+            "--clear-groups",
+            "--",
+        ])
+        .arg(&self.binary)
+        .env("TMPDIR", &self.scratch.0)
+        .env_remove("SUDO_UID");
+        cmd
+    }
+
+    /// Where its agent for `name` would listen.
+    fn socket_dir(&self) -> PathBuf {
+        self.scratch.0.join(format!("skerry-{}", Self::UID))
+    }
+}
+
+/// In a shared /tmp, another user can make the directory where a user's
+/// agent would listen, and a socket in it: `ports` must not talk to it.
+#[test]
+fn ports_refuses_a_socket_someone_else_made_where_its_own_would_be() {
+    require_root();
+    let name = unique_name("planted");
+    let nobody = Nobody::new("planted");
+    // Made by root, open to the user: someone else's.
+    std::fs::DirBuilder::new()
+        .mode(0o755)
+        .create(nobody.socket_dir())
+        .expect("the planted dir");
+    let socket = nobody.socket_dir().join(format!("{name}.sock"));
+    let listener = UnixListener::bind(&socket).expect("the planted socket");
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let out = ports_list(&mut nobody.home_agent(), &name);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "it used the planted socket: {stderr}"
+    );
+    listener.set_nonblocking(true).expect("non-blocking");
+    assert!(
+        listener.accept().is_err(),
+        "it connected to the planted socket"
+    );
+    assert!(
+        stderr.contains("is not safe to use") && stderr.contains("owned by uid 0"),
+        "it did not say why: {stderr}"
+    );
+}
+
 fn ports_list(cmd: &mut Command, name: &str) -> Output {
     cmd.args(["ports", "list", "--name", name])
         .env_remove("XDG_RUNTIME_DIR")
@@ -142,30 +224,8 @@ fn ports_without_sudo_says_to_use_sudo_for_an_agent_root_started() {
         .recursive(true)
         .create(ROOT_SOCKET_DIR)
         .expect("root's socket dir");
-    // The binary and a TMPDIR where another user can reach them.
-    let scratch = PathBuf::from(format!(
-        "/tmp/skerry-admin-socket-test-{}",
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&scratch).expect("scratch dir");
-    let _scratch = Removed(scratch.clone());
-    std::fs::set_permissions(&scratch, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
-    let binary = scratch.join("home-agent");
-    std::fs::copy(env!("CARGO_BIN_EXE_home-agent"), &binary).expect("copy the binary");
-    std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    assert!(
-        Command::new("setpriv").arg("--help").output().is_ok(),
-        "this test needs setpriv (util-linux): run scripts/install-deps"
-    );
-
-    let out = ports_list(
-        Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-            .arg(&binary)
-            .env("TMPDIR", &scratch)
-            .env_remove("SUDO_UID"),
-        &name,
-    );
+    let nobody = Nobody::new("user");
+    let out = ports_list(&mut nobody.home_agent(), &name);
     if made_root_dir {
         let _ = std::fs::remove_dir(ROOT_SOCKET_DIR);
     }

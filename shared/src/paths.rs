@@ -218,16 +218,43 @@ pub fn user_sockets(uid: u32, name: &EdgeName) -> Vec<PathBuf> {
 /// one else may write to. In a shared `/tmp` anyone could otherwise plant
 /// one (or a link) to catch root's requests and answer them.
 pub fn user_socket(uid: u32, name: &EdgeName) -> Option<PathBuf> {
-    user_sockets(uid, name).into_iter().find(|path| {
-        let owned = |p: &Path, is_kind: fn(&fs::FileType) -> bool| {
-            fs::symlink_metadata(p).is_ok_and(|m| {
-                is_kind(&m.file_type()) && m.uid() == uid && m.permissions().mode() & 0o022 == 0
-            })
+    user_sockets(uid, name)
+        .into_iter()
+        .find(|path| owned_socket(path, uid).is_ok())
+}
+
+/// Checks that `path` is a socket owned by `uid` in a directory of `uid`'s
+/// that no one else may write to, creating nothing: what a client checks
+/// before it connects, as [`runtime_socket`] checks the directory before an
+/// agent listens there.
+pub fn owned_socket(path: &Path, uid: u32) -> Result<(), PathsError> {
+    let check = |p: &Path, kind: &str, is_kind: fn(&fs::FileType) -> bool| {
+        let meta = fs::symlink_metadata(p).map_err(PathsError::io(p))?;
+        let reason = if meta.file_type().is_symlink() {
+            Some("it is a symbolic link".to_string())
+        } else if !is_kind(&meta.file_type()) {
+            Some(format!("it is not a {kind}"))
+        } else if meta.uid() != uid {
+            Some(format!(
+                "it is owned by uid {}, not by us (uid {uid})",
+                meta.uid()
+            ))
+        } else if meta.permissions().mode() & 0o022 != 0 {
+            Some("others may write to it".to_string())
+        } else {
+            None
         };
-        path.parent()
-            .is_some_and(|dir| owned(dir, fs::FileType::is_dir))
-            && owned(path, |t| t.is_socket())
-    })
+        reason.map_or(Ok(()), |reason| {
+            Err(PathsError::UnsafeDir {
+                path: p.to_path_buf(),
+                reason,
+            })
+        })
+    };
+    if let Some(dir) = path.parent() {
+        check(dir, "directory", fs::FileType::is_dir)?;
+    }
+    check(path, "socket", |t| t.is_socket())
 }
 
 /// An absolute path from an environment value, or `None` if it is unset,
@@ -583,6 +610,32 @@ mod tests {
             runtime_socket_from(os(&long), None, 1000, &n),
             Err(PathsError::SocketPathTooLong { .. })
         ));
+    }
+
+    #[test]
+    fn a_socket_is_ours_only_in_a_directory_of_ours_that_others_cannot_write() {
+        let tmp = TestDir::new("paths-socket");
+        let uid = nix::unistd::geteuid().as_raw();
+        let dir = tmp.path().join("skerry-x");
+        DirBuilder::new().mode(0o700).create(&dir).unwrap();
+        let socket = dir.join("a.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        fs::set_permissions(&socket, fs::Permissions::from_mode(0o600)).unwrap();
+        owned_socket(&socket, uid).unwrap();
+        let unsafe_for =
+            |path: &Path, uid| matches!(owned_socket(path, uid), Err(PathsError::UnsafeDir { .. }));
+        assert!(unsafe_for(&socket, uid.wrapping_add(1)), "someone else's");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(unsafe_for(&socket, uid), "a directory anyone may write to");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        assert!(
+            unsafe_for(&link.join("a.sock"), uid),
+            "a directory that is a link"
+        );
+        fs::write(dir.join("file"), b"").unwrap();
+        assert!(unsafe_for(&dir.join("file"), uid), "not a socket");
     }
 
     #[test]

@@ -329,12 +329,11 @@ async fn control_loop(
     debug!("tunnel driver stopped");
 }
 
-/// The home side starts the handshake at once, so the tunnel is up before
-/// the first flow needs it.
-/// Sends a handshake initiation (home side). `anew` starts one even while
-/// another is in progress: one sent while the edge served another home
-/// (taken over) went unanswered, and boringtun would send the next only at
-/// its retry, 5 s on.
+/// Sends a handshake initiation (home side: it starts the handshake at
+/// once, so the tunnel is up before the first flow needs it). `anew` starts
+/// one even while another is in progress: one sent while the edge served
+/// another home (taken over) went unanswered, and boringtun would send the
+/// next only at its retry, 5 s on.
 async fn initiate(ctx: &Context, out: &mut [u8], anew: bool) {
     if !ctx.fixed {
         return;
