@@ -172,6 +172,19 @@ impl Controller {
                 }),
             }
         }
+        // Sent, it would fail every session: the change is refused whole.
+        // (Only an addition can make the map larger; `replace` checks too.)
+        if let Err(e) = skerry::protocol::check_map_size(&map.public()) {
+            for entry in entries.iter_mut().filter(|e| e.ok) {
+                entry.ok = false;
+                entry.message = format!("not applied: {e}");
+            }
+            return ChangeReport {
+                generation: self.map.borrow().generation(),
+                entries,
+                note: None,
+            };
+        }
         self.commit(map, entries, applied_keys, "listening").await
     }
 
@@ -238,18 +251,6 @@ impl Controller {
         if generation == self.map.borrow().generation() {
             return ChangeReport {
                 generation,
-                entries,
-                note: None,
-            };
-        }
-        // Sent, it would fail every session: the change is refused whole.
-        if let Err(e) = skerry::protocol::check_map_size(&map.public()) {
-            for entry in entries.iter_mut().filter(|e| e.ok) {
-                entry.ok = false;
-                entry.message = format!("not applied: {e}");
-            }
-            return ChangeReport {
-                generation: self.map.borrow().generation(),
                 entries,
                 note: None,
             };

@@ -47,14 +47,6 @@ pub struct ConfigError {
     pub reason: String,
 }
 
-/// Parses a config file's text into port specs.
-pub fn parse(path: &Path, text: &str) -> Result<Vec<PortSpec>, ConfigError> {
-    Ok(parse_entries(path, text)?
-        .into_iter()
-        .map(|entry| entry.spec)
-        .collect())
-}
-
 /// The specs of a map made of a config file's text and `extra` (the `-p`
 /// entries of the command line, after the file's): refused whole, at the
 /// first entry that cannot join the others (an overlap, one too many),
@@ -151,10 +143,6 @@ fn parse_entries(path: &Path, text: &str) -> Result<Vec<Entry>, ConfigError> {
             })
         })
         .collect()
-}
-
-pub fn read(path: &Path) -> Result<Vec<PortSpec>, ConfigError> {
-    parse(path, &read_text(path)?)
 }
 
 /// The file's text, through any symbolic links.
@@ -286,21 +274,12 @@ async fn reload(
             // Gone or unreadable for now: the running map stays, and the
             // same text back changes nothing either.
             warn!(error = %e, "config file unreadable; the running map is unchanged");
-            let error = Some(e.to_string());
-            status.send_if_modified(|s| {
-                let changed = s.config_error != error;
-                s.config_error = error;
-                changed
-            });
+            show_error(status, Some(e.to_string()));
             return;
         }
     };
     if let Some(acted) = last.as_ref().filter(|a| a.text == text) {
-        status.send_if_modified(|s| {
-            let changed = s.config_error != acted.error;
-            s.config_error.clone_from(&acted.error);
-            changed
-        });
+        show_error(status, acted.error.clone());
         return;
     }
     let outcome = match parse_map(path, &text, extra) {
@@ -327,8 +306,18 @@ async fn reload(
             Some(e.to_string())
         }
     };
-    status.send_modify(|s| s.config_error.clone_from(&error));
+    show_error(status, error.clone());
     *last = Some(Acted { text, error });
+}
+
+/// Puts the file's error (or none) in `status`, waking its readers only
+/// when that changes.
+fn show_error(status: &watch::Sender<HomeStatus>, error: Option<String>) {
+    status.send_if_modified(|s| {
+        let changed = s.config_error != error;
+        s.config_error = error;
+        changed
+    });
 }
 
 #[cfg(test)]
@@ -356,7 +345,7 @@ mod tests {
 
     impl Following {
         fn start(path: &Path, loaded: &str) -> Following {
-            let specs = parse(path, loaded).expect("a valid file");
+            let specs = parse_map(path, loaded, &[]).expect("a valid file");
             let (map, refused) = PortMap::from_specs(1, specs);
             assert!(refused.is_empty());
             let (map_tx, map_rx) = watch::channel(map);
@@ -541,25 +530,19 @@ mod tests {
 
     #[test]
     fn parses_ports_and_names_the_bad_line() {
-        let p = Path::new("x.toml");
-        let ok = parse(
-            p,
-            "ports = [\n  \"tcp/80=127.0.0.1:8080\",\n  \"udp/53=[::1]:53\",\n]\n",
-        )
-        .unwrap();
+        let parse = |text| parse_map(Path::new("x.toml"), text, &[]);
+        let ok =
+            parse("ports = [\n  \"tcp/80=127.0.0.1:8080\",\n  \"udp/53=[::1]:53\",\n]\n").unwrap();
         assert_eq!(ok.len(), 2);
-        let e = parse(
-            p,
-            "ports = [\n  \"tcp/80=127.0.0.1:8080\",\n  \"tcp/0=127.0.0.1:1\",\n]\n",
-        )
-        .unwrap_err();
+        let e = parse("ports = [\n  \"tcp/80=127.0.0.1:8080\",\n  \"tcp/0=127.0.0.1:1\",\n]\n")
+            .unwrap_err();
         assert_eq!(e.line, 3);
         assert!(e.reason.contains("port 0"), "{e}");
-        let e = parse(p, "ports = [\n\"tcp/80=127.0.0.1:8080\"\n").unwrap_err();
+        let e = parse("ports = [\n\"tcp/80=127.0.0.1:8080\"\n").unwrap_err();
         assert!(e.line >= 2, "{e}");
-        let e = parse(p, "port = []\n").unwrap_err();
+        let e = parse("port = []\n").unwrap_err();
         assert_eq!(e.line, 1);
         assert!(e.reason.contains("unknown field"), "{e}");
-        assert!(parse(p, "").unwrap().is_empty());
+        assert!(parse("").unwrap().is_empty());
     }
 }

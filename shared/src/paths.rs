@@ -229,32 +229,42 @@ pub fn user_socket(uid: u32, name: &EdgeName) -> Option<PathBuf> {
 /// agent listens there.
 pub fn owned_socket(path: &Path, uid: u32) -> Result<(), PathsError> {
     let check = |p: &Path, kind: &str, is_kind: fn(&fs::FileType) -> bool| {
-        let meta = fs::symlink_metadata(p).map_err(PathsError::io(p))?;
-        let reason = if meta.file_type().is_symlink() {
-            Some("it is a symbolic link".to_string())
-        } else if !is_kind(&meta.file_type()) {
-            Some(format!("it is not a {kind}"))
-        } else if meta.uid() != uid {
-            Some(format!(
-                "it is owned by uid {}, not by us (uid {uid})",
-                meta.uid()
-            ))
-        } else if meta.permissions().mode() & 0o022 != 0 {
-            Some("others may write to it".to_string())
-        } else {
-            None
-        };
-        reason.map_or(Ok(()), |reason| {
-            Err(PathsError::UnsafeDir {
+        let meta = owned_entry(p, uid, kind, is_kind)?;
+        if meta.permissions().mode() & 0o022 != 0 {
+            return Err(PathsError::UnsafeDir {
                 path: p.to_path_buf(),
-                reason,
-            })
-        })
+                reason: "others may write to it".into(),
+            });
+        }
+        Ok(())
     };
     if let Some(dir) = path.parent() {
         check(dir, "directory", fs::FileType::is_dir)?;
     }
     check(path, "socket", |t| t.is_socket())
+}
+
+/// `p`'s metadata if it is a `kind` (not a link to one) owned by `uid`.
+fn owned_entry(
+    p: &Path,
+    uid: u32,
+    kind: &str,
+    is_kind: fn(&fs::FileType) -> bool,
+) -> Result<fs::Metadata, PathsError> {
+    let meta = fs::symlink_metadata(p).map_err(PathsError::io(p))?;
+    let reason = if meta.file_type().is_symlink() {
+        "it is a symbolic link".to_string()
+    } else if !is_kind(&meta.file_type()) {
+        format!("it is not a {kind}")
+    } else if meta.uid() != uid {
+        format!("it is owned by uid {}, not by us (uid {uid})", meta.uid())
+    } else {
+        return Ok(meta);
+    };
+    Err(PathsError::UnsafeDir {
+        path: p.to_path_buf(),
+        reason,
+    })
 }
 
 /// An absolute path from an environment value, or `None` if it is unset,
@@ -338,23 +348,7 @@ fn ensure_owned_private_dir(dir: &Path, uid: u32) -> Result<(), PathsError> {
         .mode(0o700)
         .create(dir)
         .map_err(PathsError::io(dir))?;
-    let meta = fs::symlink_metadata(dir).map_err(PathsError::io(dir))?;
-    let unsafe_dir = |reason: String| PathsError::UnsafeDir {
-        path: dir.to_path_buf(),
-        reason,
-    };
-    if meta.file_type().is_symlink() {
-        return Err(unsafe_dir("it is a symbolic link".into()));
-    }
-    if !meta.is_dir() {
-        return Err(unsafe_dir("it is not a directory".into()));
-    }
-    if meta.uid() != uid {
-        return Err(unsafe_dir(format!(
-            "it is owned by uid {}, not by us (uid {uid})",
-            meta.uid()
-        )));
-    }
+    let meta = owned_entry(dir, uid, "directory", fs::FileType::is_dir)?;
     if meta.permissions().mode() & 0o077 != 0 {
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(PathsError::io(dir))?;
     }
