@@ -379,13 +379,28 @@ impl Controller {
     }
 }
 
+/// Whether an agent answers on the socket at `path`. The state lock does
+/// not rule one out: agents of the same name with different state
+/// directories (the service's in /var/lib, one started by hand with sudo)
+/// share root's socket path.
+pub fn socket_answers(path: &Path) -> bool {
+    std::os::unix::net::UnixStream::connect(path).is_ok()
+}
+
 /// Serves the admin socket at `path` until `shutdown`, then removes it.
+/// Refuses (`AddrInUse`) a socket another agent answers on.
 pub async fn serve(
     path: PathBuf,
     controller: Arc<Controller>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    // The state lock is held, so a socket file left here is stale.
+    if socket_answers(&path) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "another home-agent answers on it",
+        ));
+    }
+    // No one answers: a socket file left here is stale.
     match std::fs::remove_file(&path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -525,6 +540,57 @@ mod tests {
             controller.replace(vec![]).await.is_ok(),
             "a small map still goes"
         );
+    }
+
+    /// Two agents of one name with different state directories (the
+    /// service's, one started by hand) share the socket path: the second
+    /// must not take the socket of the first; a socket left by an agent
+    /// that died is taken.
+    #[tokio::test]
+    async fn a_socket_another_agent_answers_on_is_not_taken() {
+        let dir = tempfile::tempdir().expect("a scratch directory");
+        let path = dir.path().join("edge.sock");
+        let (map_tx, _map_rx) = watch::channel(PortMap::default());
+        let (_status_tx, status_rx) = watch::channel(HomeStatus::default());
+        let controller = Arc::new(Controller::new(
+            "test".into(),
+            "127.0.0.1:7443".parse().expect("an address"),
+            map_tx,
+            status_rx,
+            None,
+        ));
+        let running = UnixListener::bind(&path).expect("the first agent's socket");
+        assert!(socket_answers(&path));
+        let err = tokio::time::timeout(
+            Duration::from_secs(5),
+            serve(path.clone(), controller.clone(), CancellationToken::new()),
+        )
+        .await
+        .expect("took a socket another agent answers on, and served it")
+        .expect_err("took a socket another agent answers on");
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+        assert!(path.exists(), "the first agent's socket was removed");
+
+        // The first agent dies without removing its socket: a stale file.
+        drop(running);
+        assert!(path.exists());
+        assert!(!socket_answers(&path));
+        let stop = CancellationToken::new();
+        let serving = tokio::spawn(serve(path.clone(), controller, stop.clone()));
+        for _ in 0..500 {
+            if socket_answers(&path) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let response = request(&path, &Request::List).await;
+        assert!(response.is_ok(), "{response:?}");
+        stop.cancel();
+        serving
+            .await
+            .expect("serve panicked")
+            .expect("serve failed");
+        assert!(!path.exists(), "the socket outlived its agent");
     }
 
     #[test]

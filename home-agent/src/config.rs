@@ -145,6 +145,23 @@ fn parse_entries(path: &Path, text: &str) -> Result<Vec<Entry>, ConfigError> {
         .collect()
 }
 
+/// The config file `connect` follows when none is named: `NAME.toml` in
+/// `dir`, if it exists. One that cannot be looked at (a directory or a
+/// link's target root may not enter) is an error: starting without it
+/// would serve no ports and say nothing.
+pub fn default_file(dir: &Path, name: &skerry::paths::EdgeName) -> anyhow::Result<Option<PathBuf>> {
+    let path = dir.join(format!("{name}.toml"));
+    match path.try_exists() {
+        Ok(true) => Ok(Some(path)),
+        Ok(false) => Ok(None),
+        Err(e) => anyhow::bail!(
+            "cannot tell whether the config file {} exists: {e}; make it (and where it links \
+             to) readable, or name one with --config",
+            path.display()
+        ),
+    }
+}
+
 /// The file's text, through any symbolic links.
 pub fn read_text(path: &Path) -> Result<String, ConfigError> {
     std::fs::read_to_string(path).map_err(|e| ConfigError {
@@ -325,6 +342,28 @@ mod tests {
     use super::*;
     use crate::admin::Request;
     use skerry::portmap::{PortMap, Protocol};
+
+    /// `connect` without --config takes NAME.toml when it exists; one it
+    /// cannot look at is an error, not a start with no ports.
+    #[test]
+    fn the_default_file_is_taken_when_it_exists_and_an_unreadable_one_is_an_error() {
+        let dir = tempfile::tempdir().expect("a scratch directory");
+        let name: skerry::paths::EdgeName = "home".parse().expect("a name");
+        assert_eq!(default_file(dir.path(), &name).expect("no error"), None);
+        let path = dir.path().join("home.toml");
+        std::fs::write(&path, ports(&[80])).expect("writing");
+        assert_eq!(
+            default_file(dir.path(), &name).expect("no error"),
+            Some(path.clone())
+        );
+        // A link that cannot be resolved (here a loop; for root without
+        // CAP_DAC_OVERRIDE, a target in a home directory of mode 0700).
+        std::fs::remove_file(&path).expect("removing");
+        std::os::unix::fs::symlink(dir.path().join("loop.toml"), &path).expect("a link");
+        std::os::unix::fs::symlink(&path, dir.path().join("loop.toml")).expect("a link");
+        let err = default_file(dir.path(), &name).expect_err("an unresolvable file was ignored");
+        assert!(format!("{err:#}").contains("--config"), "{err:#}");
+    }
 
     fn ports(list: &[u16]) -> String {
         let entries: Vec<String> = list

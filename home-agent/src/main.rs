@@ -271,7 +271,7 @@ fn connect(
     let (cli_map, mut refused) = parse_ports(specs);
     let config_file = match tuning.config {
         Some(p) => Some(p),
-        None => Some(paths::config_dir()?.join(format!("{name}.toml"))).filter(|p| p.exists()),
+        None => home_agent::config::default_file(&paths::config_dir()?, &name)?,
     };
     // The file's text as read here: the follower applies any later save.
     let mut config_text = None;
@@ -294,6 +294,13 @@ fn connect(
     let dir = paths::state_dir(&name)?;
     let state = HomeState::open(&dir)?;
     let socket = paths::runtime_socket(&name)?;
+    if admin::socket_answers(&socket) {
+        bail!(
+            "another home-agent for edge {name} is running (it answers at {}): stop it first \
+             (`sudo systemctl stop home-agent@{name}` if it is the service), or use another --name",
+            socket.display()
+        );
+    }
     // One thread for the data path and everything else, as on the edge (see
     // edge-agent's main for the measurements): the pipeline's stages wake each
     // other without crossing cores, and one core carries several Gbit/s.
@@ -434,6 +441,14 @@ fn agent_socket(name: &EdgeName) -> anyhow::Result<PathBuf> {
         return Ok(own);
     }
     if nix::unistd::geteuid().is_root() {
+        // A root login shell (`sudo -i`, ssh) has XDG_RUNTIME_DIR set, and
+        // so looks elsewhere than the service and `sudo home-agent
+        // connect`, which use root's system-wide directory.
+        let system = Path::new(paths::ROOT_SOCKET_DIR).join(format!("{name}.sock"));
+        if system != own && system.exists() {
+            paths::owned_socket(&system, 0)?;
+            return Ok(system);
+        }
         // `sudo home-agent ports …` for an agent the user started.
         let user = std::env::var("SUDO_UID")
             .ok()

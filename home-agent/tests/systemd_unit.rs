@@ -161,21 +161,32 @@ fn the_home_agent_unit_serves_restarts_and_stops_under_systemd() {
     assert_eq!(field("CapBnd:"), "0000000000001000", "bounding set");
     assert_eq!(field("CapEff:"), "0000000000001000", "effective set");
     assert_eq!(field("NoNewPrivs:"), "1");
-    assert_eq!(field("Seccomp:"), "2", "a system call filter");
+    // systemd-nspawn filters every process in the container: the unit's
+    // filter is one more than its init has.
+    let init_status = container.exec(&["cat", "/proc/1/status"]);
+    let init_filters = String::from_utf8_lossy(&init_status.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp_filters:"))
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .expect("Seccomp_filters of the container's init");
+    let filters: u32 = field("Seccomp_filters:").parse().expect("a filter count");
+    assert!(
+        filters > init_filters,
+        "no system call filter of the unit's own ({filters} filters, init {init_filters})"
+    );
 
     // 3. `sudo home-agent ports` (a root shell with no session variables)
     // finds the service's socket in /run/skerry and changes ports live.
-    let added = container.exec(&[
-        "env",
-        "-i",
-        "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
-        "/usr/local/bin/home-agent",
-        "ports",
-        "--name",
-        name.as_str(),
-        "add",
-        &format!("tcp/{ADDED_PORT}={target}"),
-    ]);
+    let added = container.home_agent(
+        &[],
+        &[
+            "ports",
+            "--name",
+            name.as_str(),
+            "add",
+            &format!("tcp/{ADDED_PORT}={target}"),
+        ],
+    );
     assert!(
         added.status.success(),
         "ports add failed: {}\n{}",
@@ -187,6 +198,51 @@ fn the_home_agent_unit_serves_restarts_and_stops_under_systemd() {
         Duration::from_secs(10),
         || request(&home, added_public),
         || container.diagnostics(&unit),
+    );
+    // A root login shell (`sudo -i`, ssh) has XDG_RUNTIME_DIR set by
+    // pam_systemd: `ports` finds the service all the same.
+    let listed = container.home_agent(
+        &["XDG_RUNTIME_DIR=/run/user/0"],
+        &["ports", "--name", name.as_str(), "list"],
+    );
+    let listing = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed.status.success() && listing.contains(&format!("tcp/{ADDED_PORT}")),
+        "ports list from a login shell: {listing}{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    // `sudo home-agent connect` by hand, with the service running: root's
+    // state is elsewhere (~/.local/state), so no lock stops it, but it must
+    // not take the service's socket.
+    let second = container.home_agent(
+        &["HOME=/root"],
+        &[
+            "connect",
+            "--name",
+            name.as_str(),
+            "--edge",
+            &edge.control.to_string(),
+        ],
+    );
+    let second_err = String::from_utf8_lossy(&second.stderr);
+    // It stops at once, before it dials the edge (124: `timeout` ended it).
+    assert!(
+        !second.status.success()
+            && second.status.code() != Some(124)
+            && second_err.contains("stop it first"),
+        "a second agent by hand: {}\n{second_err}",
+        second.status
+    );
+    wait_for(
+        Duration::from_secs(10),
+        || request(&home, added_public),
+        || container.diagnostics(&unit),
+    );
+    let listed = container.home_agent(&[], &["ports", "--name", name.as_str(), "list"]);
+    assert!(
+        listed.status.success(),
+        "the service's socket is gone after the second agent: {}",
+        String::from_utf8_lossy(&listed.stderr)
     );
 
     // 4. Killed, it is started again, with the same state (the edge takes
@@ -211,9 +267,17 @@ fn the_home_agent_unit_serves_restarts_and_stops_under_systemd() {
     container.systemctl(&["stop", &unit]);
     let result = container.show(&unit, "Result");
     let active = container.show(&unit, "ActiveState");
+    // Exited (CLD_EXITED = 1) with status 0, not killed by the signal.
+    let code = container.show(&unit, "ExecMainCode");
+    let status = container.show(&unit, "ExecMainStatus");
     assert_eq!(
-        (result.as_str(), active.as_str()),
-        ("success", "inactive"),
+        (
+            result.as_str(),
+            active.as_str(),
+            code.as_str(),
+            status.as_str()
+        ),
+        ("success", "inactive", "1", "0"),
         "{}",
         container.diagnostics(&unit)
     );
@@ -225,29 +289,44 @@ fn the_home_agent_unit_serves_restarts_and_stops_under_systemd() {
     drop(edge);
 }
 
-/// A Debian 12 system with systemd, as a tarball, built once and kept in
-/// `target/skerry-image-cache` (beside the edge image's layers).
+/// A Debian system with systemd, of this host's release (the home-agent
+/// built here links against its C library), as a tarball built once and
+/// kept in `target/skerry-image-cache` (beside the edge image's layers).
 fn systemd_rootfs(root: &Path) -> PathBuf {
+    let suite = std::fs::read_to_string("/etc/os-release")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+                .map(|v| v.trim_matches('"').to_owned())
+        })
+        .filter(|v| !v.is_empty())
+        .expect("no VERSION_CODENAME in /etc/os-release: this test needs a Debian host");
     let cache = root.join("target/skerry-image-cache");
     std::fs::create_dir_all(&cache).expect("the image cache directory");
-    let tar = cache.join("systemd-rootfs-bookworm-v1.tar");
+    let tar = cache.join(format!("systemd-rootfs-{suite}-v1.tar"));
+    // A finished tarball is only renamed in: no lock needed to use it (the
+    // edge image's build holds the cache's lock for minutes).
+    if tar.is_file() {
+        return tar;
+    }
     let mirror = std::env::var("SKERRY_DEBIAN_MIRROR")
         .unwrap_or_else(|_| "http://deb.debian.org/debian".to_owned());
-    // One build at a time per cache; a finished tarball is only renamed in.
     let script = r#"
         set -e
         [ -f "$1" ] && exit 0
-        echo "building a Debian 12 system with systemd for the unit test (once)" >&2
+        echo "building a Debian $3 system with systemd for the unit test (once; needs $2)" >&2
         rm -rf "$1" "$1.part"
         mmdebstrap --quiet --format=tar --variant=minbase --include=systemd,systemd-sysv \
-            bookworm "$1.part" "$2" >&2
+            "$3" "$1.part" "$2" >&2
         mv "$1.part" "$1"
     "#;
     run(Command::new("flock")
         .arg(cache.join(".lock"))
         .args(["sh", "-c", script, "sh"])
         .arg(&tar)
-        .arg(&mirror));
+        .arg(&mirror)
+        .arg(&suite));
     tar
 }
 
@@ -279,23 +358,25 @@ impl Container {
             .stderr(log)
             .spawn()
             .expect("starting systemd-nspawn");
+        // Made at once, so that a failure below still stops nspawn.
+        let mut container = Container {
+            nspawn,
+            init: 0,
+            console,
+        };
         let started = Instant::now();
-        let init = loop {
-            if let Some(pid) = descendant_named(nspawn.id(), "systemd") {
+        container.init = loop {
+            if let Some(pid) = descendant_named(container.nspawn.id(), "systemd") {
                 break pid;
             }
             assert!(
                 started.elapsed() < Duration::from_secs(30),
                 "no systemd in the container after 30 s:\n{}",
-                std::fs::read_to_string(&console).unwrap_or_default()
+                std::fs::read_to_string(&container.console).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(100));
         };
-        Container {
-            nspawn,
-            init,
-            console,
-        }
+        container
     }
 
     /// Runs a command inside the container (all its namespaces).
@@ -306,6 +387,23 @@ impl Container {
             .stdin(Stdio::null())
             .output()
             .expect("running nsenter")
+    }
+
+    /// `home-agent ARGS…` in the container, as from a root shell with
+    /// only `env` and a PATH set. At most 60 s: an agent that did start
+    /// would serve until stopped.
+    fn home_agent(&self, env: &[&str], args: &[&str]) -> Output {
+        let mut all = vec![
+            "timeout",
+            "60",
+            "env",
+            "-i",
+            "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+        ];
+        all.extend_from_slice(env);
+        all.push("/usr/local/bin/home-agent");
+        all.extend_from_slice(args);
+        self.exec(&all)
     }
 
     fn systemctl(&self, args: &[&str]) {
@@ -355,6 +453,12 @@ impl Drop for Container {
                 return;
             }
             std::thread::sleep(Duration::from_millis(100));
+        }
+        // Killing the container's init ends its whole PID namespace; with
+        // no host systemd to clean up, killing nspawn alone would leave it.
+        if self.init != 0 {
+            let init = nix::unistd::Pid::from_raw(self.init as i32);
+            let _ = nix::sys::signal::kill(init, nix::sys::signal::Signal::SIGKILL);
         }
         let _ = self.nspawn.kill();
         let _ = self.nspawn.wait();
