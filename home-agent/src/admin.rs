@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use skerry::paths::StateLock;
 use skerry::portmap::{PortKey, PortMap, PortSpec};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -379,35 +380,80 @@ impl Controller {
     }
 }
 
-/// Whether an agent answers on the socket at `path`. The state lock does
-/// not rule one out: agents of the same name with different state
-/// directories (the service's in /var/lib, one started by hand with sudo)
-/// share root's socket path.
-pub fn socket_answers(path: &Path) -> bool {
-    std::os::unix::net::UnixStream::connect(path).is_ok()
+/// The admin socket, bound when `connect` starts and held until it exits,
+/// with a lock beside it (`NAME.sock.lock`): agents of one name with
+/// different state directories (the service's in /var/lib, one started by
+/// hand with sudo) share the socket path, and the second is refused before
+/// it makes or dials anything.
+#[derive(Debug)]
+pub struct AdminSocket {
+    listener: std::os::unix::net::UnixListener,
+    path: PathBuf,
+    _locks: Vec<StateLock>,
 }
 
-/// Serves the admin socket at `path` until `shutdown`, then removes it.
-/// Refuses (`AddrInUse`) a socket another agent answers on.
+impl AdminSocket {
+    /// Locks `path` and each of `also` (root's system-wide socket when
+    /// this agent listens elsewhere: one agent per name for root), then
+    /// binds `path`, replacing a socket an agent that died left there.
+    pub fn claim(path: PathBuf, also: &[PathBuf]) -> Result<AdminSocket, ClaimError> {
+        let mut locks = Vec::new();
+        for p in std::iter::once(&path).chain(also) {
+            let mut lock = p.clone().into_os_string();
+            lock.push(".lock");
+            locks.push(StateLock::acquire_file(PathBuf::from(lock))?);
+        }
+        // The lock is held: a socket file here is stale.
+        let bind = || -> std::io::Result<std::os::unix::net::UnixListener> {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            let listener = std::os::unix::net::UnixListener::bind(&path)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            listener.set_nonblocking(true)?;
+            Ok(listener)
+        };
+        let listener = bind().map_err(|source| ClaimError::Bind {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(AdminSocket {
+            listener,
+            path,
+            _locks: locks,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    #[error(transparent)]
+    Lock(#[from] skerry::paths::PathsError),
+    #[error("cannot listen on {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Serves the admin socket until `shutdown`, then removes it.
 pub async fn serve(
-    path: PathBuf,
+    socket: AdminSocket,
     controller: Arc<Controller>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    if socket_answers(&path) {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::AddrInUse,
-            "another home-agent answers on it",
-        ));
-    }
-    // No one answers: a socket file left here is stale.
-    match std::fs::remove_file(&path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let listener = UnixListener::bind(&path)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let AdminSocket {
+        listener,
+        path,
+        _locks,
+    } = socket;
+    let listener = UnixListener::from_std(listener)?;
     loop {
         let stream = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -543,13 +589,14 @@ mod tests {
     }
 
     /// Two agents of one name with different state directories (the
-    /// service's, one started by hand) share the socket path: the second
-    /// must not take the socket of the first; a socket left by an agent
-    /// that died is taken.
+    /// service's, one started by hand) share the socket path: the second is
+    /// refused, the first keeps its socket; one an agent that died left is
+    /// taken.
     #[tokio::test]
-    async fn a_socket_another_agent_answers_on_is_not_taken() {
+    async fn a_second_agent_of_a_name_is_refused_and_a_dead_ones_socket_is_taken() {
         let dir = tempfile::tempdir().expect("a scratch directory");
         let path = dir.path().join("edge.sock");
+        let system = dir.path().join("system.sock");
         let (map_tx, _map_rx) = watch::channel(PortMap::default());
         let (_status_tx, status_rx) = watch::channel(HomeStatus::default());
         let controller = Arc::new(Controller::new(
@@ -559,30 +606,27 @@ mod tests {
             status_rx,
             None,
         ));
-        let running = UnixListener::bind(&path).expect("the first agent's socket");
-        assert!(socket_answers(&path));
-        let err = tokio::time::timeout(
-            Duration::from_secs(5),
-            serve(path.clone(), controller.clone(), CancellationToken::new()),
-        )
-        .await
-        .expect("took a socket another agent answers on, and served it")
-        .expect_err("took a socket another agent answers on");
-        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+        let first = AdminSocket::claim(path.clone(), std::slice::from_ref(&system))
+            .expect("the first agent's socket");
+        for (p, what) in [
+            (&path, "its own socket"),
+            (&system, "the system socket it locks too"),
+        ] {
+            match AdminSocket::claim(p.clone(), &[]) {
+                Err(ClaimError::Lock(skerry::paths::PathsError::Locked { pid, .. })) => {
+                    assert_eq!(pid, Some(std::process::id()), "{what}")
+                }
+                other => panic!("a second agent on {what}: {other:?}"),
+            }
+        }
         assert!(path.exists(), "the first agent's socket was removed");
 
         // The first agent dies without removing its socket: a stale file.
-        drop(running);
+        drop(first);
         assert!(path.exists());
-        assert!(!socket_answers(&path));
+        let second = AdminSocket::claim(path.clone(), &[]).expect("a dead agent's socket");
         let stop = CancellationToken::new();
-        let serving = tokio::spawn(serve(path.clone(), controller, stop.clone()));
-        for _ in 0..500 {
-            if socket_answers(&path) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let serving = tokio::spawn(serve(second, controller, stop.clone()));
         let response = request(&path, &Request::List).await;
         assert!(response.is_ok(), "{response:?}");
         stop.cancel();

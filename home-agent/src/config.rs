@@ -153,6 +153,12 @@ pub fn default_file(dir: &Path, name: &skerry::paths::EdgeName) -> anyhow::Resul
     let path = dir.join(format!("{name}.toml"));
     match path.try_exists() {
         Ok(true) => Ok(Some(path)),
+        // A link to nothing (yet) is a file the user meant.
+        Ok(false) if path.is_symlink() => anyhow::bail!(
+            "the config file {} is a link to a file that does not exist; fix the link, or name \
+             one with --config",
+            path.display()
+        ),
         Ok(false) => Ok(None),
         Err(e) => anyhow::bail!(
             "cannot tell whether the config file {} exists: {e}; make it (and where it links \
@@ -356,6 +362,13 @@ mod tests {
             default_file(dir.path(), &name).expect("no error"),
             Some(path.clone())
         );
+        // A link to nothing.
+        std::fs::remove_file(&path).expect("removing");
+        std::os::unix::fs::symlink(dir.path().join("gone.toml"), &path).expect("a link");
+        let err = default_file(dir.path(), &name).expect_err("a dangling link was ignored");
+        assert!(format!("{err:#}").contains("does not exist"), "{err:#}");
+        std::fs::remove_file(&path).expect("removing");
+        std::fs::write(&path, ports(&[80])).expect("writing");
         // A link that cannot be resolved (here a loop; for root without
         // CAP_DAC_OVERRIDE, a target in a home directory of mode 0700).
         std::fs::remove_file(&path).expect("removing");

@@ -291,16 +291,24 @@ fn connect(
     };
     skerry::protocol::check_map_size(&map.public())
         .context("the ports are refused; fix them and start again")?;
+    // First, before a state directory or an edge is touched: one agent per
+    // name, whatever its state directory (see AdminSocket).
+    let socket = paths::runtime_socket(&name)?;
+    let mut also = Vec::new();
+    if nix::unistd::geteuid().is_root() {
+        let system = paths::root_socket(&name)?;
+        if system != socket {
+            also.push(system);
+        }
+    }
+    let admin_socket = admin::AdminSocket::claim(socket.clone(), &also).map_err(|e| match e {
+        admin::ClaimError::Lock(e @ paths::PathsError::Locked { .. }) => {
+            anyhow::anyhow!("{e} (the service: sudo systemctl stop home-agent@{name})")
+        }
+        e => e.into(),
+    })?;
     let dir = paths::state_dir(&name)?;
     let state = HomeState::open(&dir)?;
-    let socket = paths::runtime_socket(&name)?;
-    if admin::socket_answers(&socket) {
-        bail!(
-            "another home-agent for edge {name} is running (it answers at {}): stop it first \
-             (`sudo systemctl stop home-agent@{name}` if it is the service), or use another --name",
-            socket.display()
-        );
-    }
     // One thread for the data path and everything else, as on the edge (see
     // edge-agent's main for the measurements): the pipeline's stages wake each
     // other without crossing cores, and one core carries several Gbit/s.
@@ -366,7 +374,7 @@ fn connect(
             status_rx.clone(),
             config_file.clone(),
         ));
-        let admin_task = tokio::spawn(admin::serve(socket.clone(), controller.clone(), shutdown.clone()));
+        let admin_task = tokio::spawn(admin::serve(admin_socket, controller.clone(), shutdown.clone()));
         if let Some(path) = config_file.clone() {
             let follower = home_agent::config::follow(
                 path,
@@ -444,7 +452,7 @@ fn agent_socket(name: &EdgeName) -> anyhow::Result<PathBuf> {
         // A root login shell (`sudo -i`, ssh) has XDG_RUNTIME_DIR set, and
         // so looks elsewhere than the service and `sudo home-agent
         // connect`, which use root's system-wide directory.
-        let system = Path::new(paths::ROOT_SOCKET_DIR).join(format!("{name}.sock"));
+        let system = paths::root_socket_path(name);
         if system != own && system.exists() {
             paths::owned_socket(&system, 0)?;
             return Ok(system);

@@ -1,12 +1,15 @@
-//! `deploy/systemd/home-agent@.service`, run by a real systemd: a Debian 12
-//! system (mmdebstrap: minbase and systemd, cached) boots in a
+//! `deploy/systemd/home-agent@.service`, run by a real systemd: a Debian
+//! system of the host's release (mmdebstrap: minbase and systemd, cached)
+//! boots in a
 //! `systemd-nspawn` container whose network namespace the test made, with
 //! this build's home-agent installed and the unit enabled the way the
 //! README says. The agent must come up from the unit alone and serve a
 //! request through an edge (a real edge-agent in a namespace of its own),
-//! answer `home-agent ports` on its admin socket, be restarted after it is
-//! killed, and stop cleanly; inside the sandbox the unit promises (one
-//! capability, no new privileges, a system call filter).
+//! answer `home-agent ports` on its admin socket (also from a root login
+//! shell), refuse a second agent of its name started by hand, be restarted
+//! after it is killed, and stop cleanly; inside the sandbox the unit
+//! promises (one capability, no new privileges, a system call filter that
+//! denies what it says).
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -161,18 +164,24 @@ fn the_home_agent_unit_serves_restarts_and_stops_under_systemd() {
     assert_eq!(field("CapBnd:"), "0000000000001000", "bounding set");
     assert_eq!(field("CapEff:"), "0000000000001000", "effective set");
     assert_eq!(field("NoNewPrivs:"), "1");
-    // systemd-nspawn filters every process in the container: the unit's
-    // filter is one more than its init has.
-    let init_status = container.exec(&["cat", "/proc/1/status"]);
-    let init_filters = String::from_utf8_lossy(&init_status.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("Seccomp_filters:"))
-        .and_then(|v| v.trim().parse::<u32>().ok())
-        .expect("Seccomp_filters of the container's init");
-    let filters: u32 = field("Seccomp_filters:").parse().expect("a filter count");
+    // The system call filter, probed: an instance of the same unit whose
+    // command (a drop-in changes only that) calls chown(2), which the
+    // filter denies (@privileged) and root's own file would otherwise allow.
+    // Counting seccomp filters would not tell: nspawn and several other
+    // settings of the unit add filters of their own.
+    let probe =
+        container.home_agent_probe(&rootfs, "/bin/sh -c 'touch /tmp/p && chown 0:0 /tmp/p'");
+    assert_eq!(
+        probe.as_str(),
+        "exit-code",
+        "chown(2) under the unit's filter: {}",
+        container.diagnostics("home-agent@probe.service")
+    );
+    let denied = container.exec(&["journalctl", "--no-pager", "-u", "home-agent@probe.service"]);
     assert!(
-        filters > init_filters,
-        "no system call filter of the unit's own ({filters} filters, init {init_filters})"
+        String::from_utf8_lossy(&denied.stdout).contains("Operation not permitted"),
+        "{}",
+        String::from_utf8_lossy(&denied.stdout)
     );
 
     // 3. `sudo home-agent ports` (a root shell with no session variables)
@@ -212,10 +221,12 @@ fn the_home_agent_unit_serves_restarts_and_stops_under_systemd() {
         String::from_utf8_lossy(&listed.stderr)
     );
     // `sudo home-agent connect` by hand, with the service running: root's
-    // state is elsewhere (~/.local/state), so no lock stops it, but it must
-    // not take the service's socket.
+    // state is elsewhere (~/.local/state), so the state lock does not stop
+    // it; the admin socket's lock must, before it makes or dials anything.
     let second = container.home_agent(
-        &["HOME=/root"],
+        // From a root login shell, the harder case: its own socket would be
+        // under /run/user/0, not beside the service's.
+        &["HOME=/root", "XDG_RUNTIME_DIR=/run/user/0"],
         &[
             "connect",
             "--name",
@@ -225,13 +236,22 @@ fn the_home_agent_unit_serves_restarts_and_stops_under_systemd() {
         ],
     );
     let second_err = String::from_utf8_lossy(&second.stderr);
-    // It stops at once, before it dials the edge (124: `timeout` ended it).
+    // It stops at once, before it dials the edge (124: `timeout` ended it)
+    // or makes a state directory (a CA that a user might copy over the
+    // service's).
     assert!(
         !second.status.success()
             && second.status.code() != Some(124)
-            && second_err.contains("stop it first"),
+            && second_err.contains("already running"),
         "a second agent by hand: {}\n{second_err}",
         second.status
+    );
+    assert!(
+        !rootfs
+            .join("root/.local/state/skerry")
+            .join(name.as_str())
+            .exists(),
+        "the refused agent made a state directory"
     );
     wait_for(
         Duration::from_secs(10),
@@ -293,15 +313,21 @@ fn the_home_agent_unit_serves_restarts_and_stops_under_systemd() {
 /// built here links against its C library), as a tarball built once and
 /// kept in `target/skerry-image-cache` (beside the edge image's layers).
 fn systemd_rootfs(root: &Path) -> PathBuf {
-    let suite = std::fs::read_to_string("/etc/os-release")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
-                .map(|v| v.trim_matches('"').to_owned())
-        })
-        .filter(|v| !v.is_empty())
-        .expect("no VERSION_CODENAME in /etc/os-release: this test needs a Debian host");
+    let release = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
+    let field = |key: &str| {
+        release
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(|v| v.trim_matches('"').to_owned())
+            .filter(|v| !v.is_empty())
+    };
+    assert_eq!(
+        field("ID=").as_deref(),
+        Some("debian"),
+        "this test builds its container with mmdebstrap from Debian's archive, of the host's \
+         release: it needs a Debian host"
+    );
+    let suite = field("VERSION_CODENAME=").expect("no VERSION_CODENAME in /etc/os-release");
     let cache = root.join("target/skerry-image-cache");
     std::fs::create_dir_all(&cache).expect("the image cache directory");
     let tar = cache.join(format!("systemd-rootfs-{suite}-v1.tar"));
@@ -404,6 +430,25 @@ impl Container {
         all.push("/usr/local/bin/home-agent");
         all.extend_from_slice(args);
         self.exec(&all)
+    }
+
+    /// Runs `command` as `home-agent@probe`: the unit as installed, with a
+    /// drop-in that changes only what it runs (once). Returns the unit's
+    /// Result (`success`, `exit-code` …).
+    fn home_agent_probe(&self, rootfs: &Path, command: &str) -> String {
+        let dropin = rootfs.join("etc/systemd/system/home-agent@probe.service.d");
+        std::fs::create_dir_all(&dropin).expect("the probe's drop-in directory");
+        std::fs::write(
+            dropin.join("probe.conf"),
+            format!("[Service]\nType=oneshot\nRestart=no\nExecStart=\nExecStart={command}\n"),
+        )
+        .expect("the probe's drop-in");
+        std::fs::write(rootfs.join("etc/skerry/probe.env"), "EDGE=unused\n")
+            .expect("the probe's environment file");
+        self.systemctl(&["daemon-reload"]);
+        // A failing oneshot makes `start` fail: the Result says how.
+        let _ = self.exec(&["systemctl", "start", "home-agent@probe.service"]);
+        self.show("home-agent@probe.service", "Result")
     }
 
     fn systemctl(&self, args: &[&str]) {

@@ -201,6 +201,20 @@ pub fn runtime_socket_path(name: &EdgeName) -> Result<PathBuf, PathsError> {
 /// `<name>.sock`: a directory only root can enter.
 pub const ROOT_SOCKET_DIR: &str = "/run/skerry";
 
+/// Root's system-wide socket for `name` (the service's, `sudo home-agent
+/// connect`'s), whatever `XDG_RUNTIME_DIR` says: a root login shell has one
+/// of its own, and must still find (and not run beside) these agents.
+pub fn root_socket_path(name: &EdgeName) -> PathBuf {
+    Path::new(ROOT_SOCKET_DIR).join(format!("{name}.sock"))
+}
+
+/// [`root_socket_path`], its directory made (root's, 0700) if missing.
+pub fn root_socket(name: &EdgeName) -> Result<PathBuf, PathsError> {
+    let path = root_socket_path(name);
+    ensure_owned_private_dir(Path::new(ROOT_SOCKET_DIR), 0)?;
+    Ok(path)
+}
+
 /// Where a home-agent run by `uid` from a login session or a plain shell
 /// listens for `name` (see [`runtime_socket`]; a `TMPDIR` of the user's
 /// own is not known here). Root looks there when a command run with `sudo`
@@ -415,7 +429,12 @@ impl StateLock {
     /// Takes the lock in `dir` (created 0700 if missing) without waiting.
     pub fn acquire(dir: &Path) -> Result<StateLock, PathsError> {
         ensure_private_dir(dir).map_err(PathsError::io(dir))?;
-        let path = dir.join("lock");
+        Self::acquire_file(dir.join("lock"))
+    }
+
+    /// Takes the lock on the file `path` (created 0600; its directory must
+    /// exist) without waiting.
+    pub fn acquire_file(path: PathBuf) -> Result<StateLock, PathsError> {
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)

@@ -140,6 +140,7 @@ impl Pair {
                     token.clone(),
                 ));
             }
+            let socket = admin::AdminSocket::claim(socket, &[]).expect("claiming the admin socket");
             if let Err(e) = admin::serve(socket, controller, token).await {
                 panic!("admin socket: {e:#}");
             }
