@@ -380,14 +380,15 @@ impl Controller {
     }
 }
 
-/// The admin socket, bound when `connect` starts and held until it exits,
-/// with a lock beside it (`NAME.sock.lock`): agents of one name with
-/// different state directories (the service's in /var/lib, one started by
-/// hand with sudo) share the socket path, and the second is refused before
-/// it makes or dials anything.
+/// The admin socket, bound when `connect` starts, with a lock beside it
+/// (`NAME.sock.lock`), both held until this value is dropped (at the
+/// agent's very end; dropping it removes the socket, the locks still
+/// held): agents of one name with different state directories (the
+/// service's in /var/lib, one started by hand with sudo) share the socket
+/// path, and the second is refused before it makes or dials anything.
 #[derive(Debug)]
 pub struct AdminSocket {
-    listener: std::os::unix::net::UnixListener,
+    listener: Option<std::os::unix::net::UnixListener>,
     path: PathBuf,
     _locks: Vec<StateLock>,
 }
@@ -420,7 +421,7 @@ impl AdminSocket {
             source,
         })?;
         Ok(AdminSocket {
-            listener,
+            listener: Some(listener),
             path,
             _locks: locks,
         })
@@ -428,6 +429,21 @@ impl AdminSocket {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The listener, for [`serve`] (once; on a runtime).
+    pub fn take_listener(&mut self) -> std::io::Result<UnixListener> {
+        let listener = self.listener.take().ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::AlreadyExists, "the listener was taken")
+        })?;
+        UnixListener::from_std(listener)
+    }
+}
+
+impl Drop for AdminSocket {
+    fn drop(&mut self) {
+        // Ours while the locks are held (they go after this).
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -442,18 +458,13 @@ pub enum ClaimError {
     },
 }
 
-/// Serves the admin socket until `shutdown`, then removes it.
+/// Serves the admin socket's `listener` until `shutdown` (its
+/// [`AdminSocket`] removes the file).
 pub async fn serve(
-    socket: AdminSocket,
+    listener: UnixListener,
     controller: Arc<Controller>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let AdminSocket {
-        listener,
-        path,
-        _locks,
-    } = socket;
-    let listener = UnixListener::from_std(listener)?;
     loop {
         let stream = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -473,7 +484,6 @@ pub async fn serve(
             }
         });
     }
-    let _ = std::fs::remove_file(&path);
     Ok(())
 }
 
@@ -621,12 +631,16 @@ mod tests {
         }
         assert!(path.exists(), "the first agent's socket was removed");
 
-        // The first agent dies without removing its socket: a stale file.
+        // The first agent's end removes its socket; one that died (killed)
+        // leaves a stale file.
         drop(first);
+        assert!(!path.exists(), "the first agent's socket outlived it");
+        drop(std::os::unix::net::UnixListener::bind(&path).expect("a stale socket"));
         assert!(path.exists());
-        let second = AdminSocket::claim(path.clone(), &[]).expect("a dead agent's socket");
+        let mut second = AdminSocket::claim(path.clone(), &[]).expect("a dead agent's socket");
         let stop = CancellationToken::new();
-        let serving = tokio::spawn(serve(second, controller, stop.clone()));
+        let listener = second.take_listener().expect("the listener");
+        let serving = tokio::spawn(serve(listener, controller, stop.clone()));
         let response = request(&path, &Request::List).await;
         assert!(response.is_ok(), "{response:?}");
         stop.cancel();
@@ -634,7 +648,10 @@ mod tests {
             .await
             .expect("serve panicked")
             .expect("serve failed");
+        assert!(path.exists(), "removed while the agent still runs");
+        drop(second);
         assert!(!path.exists(), "the socket outlived its agent");
+        AdminSocket::claim(path.clone(), &[]).expect("the name is free again");
     }
 
     #[test]

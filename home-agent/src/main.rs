@@ -301,12 +301,17 @@ fn connect(
             also.push(system);
         }
     }
-    let admin_socket = admin::AdminSocket::claim(socket.clone(), &also).map_err(|e| match e {
-        admin::ClaimError::Lock(e @ paths::PathsError::Locked { .. }) => {
-            anyhow::anyhow!("{e} (the service: sudo systemctl stop home-agent@{name})")
-        }
-        e => e.into(),
-    })?;
+    // Held to the end of this function: the socket goes, then the locks.
+    let mut admin_socket =
+        admin::AdminSocket::claim(socket.clone(), &also).map_err(|e| match e {
+            admin::ClaimError::Lock(e)
+                if e.locked_path()
+                    .is_some_and(|p| p.starts_with(paths::ROOT_SOCKET_DIR)) =>
+            {
+                anyhow::anyhow!("{e} (if it is the service: sudo systemctl stop home-agent@{name})")
+            }
+            e => e.into(),
+        })?;
     let dir = paths::state_dir(&name)?;
     let state = HomeState::open(&dir)?;
     // One thread for the data path and everything else, as on the edge (see
@@ -374,7 +379,11 @@ fn connect(
             status_rx.clone(),
             config_file.clone(),
         ));
-        let admin_task = tokio::spawn(admin::serve(admin_socket, controller.clone(), shutdown.clone()));
+        let admin_task = tokio::spawn(admin::serve(
+            admin_socket.take_listener()?,
+            controller.clone(),
+            shutdown.clone(),
+        ));
         if let Some(path) = config_file.clone() {
             let follower = home_agent::config::follow(
                 path,
@@ -419,6 +428,7 @@ fn connect(
         l.stop()?;
         say!("local edge stopped and its namespace removed");
     }
+    drop(admin_socket);
     result?;
     Ok(if refused > 0 {
         ExitCode::from(EXIT_PORTS_REFUSED)

@@ -179,7 +179,7 @@ fn the_home_agent_unit_serves_restarts_and_stops_under_systemd() {
     );
     let denied = container.exec(&["journalctl", "--no-pager", "-u", "home-agent@probe.service"]);
     assert!(
-        String::from_utf8_lossy(&denied.stdout).contains("Operation not permitted"),
+        String::from_utf8_lossy(&denied.stdout).contains("chown: changing ownership"),
         "{}",
         String::from_utf8_lossy(&denied.stdout)
     );
@@ -440,7 +440,9 @@ impl Container {
         std::fs::create_dir_all(&dropin).expect("the probe's drop-in directory");
         std::fs::write(
             dropin.join("probe.conf"),
-            format!("[Service]\nType=oneshot\nRestart=no\nExecStart=\nExecStart={command}\n"),
+            format!(
+                "[Service]\nType=oneshot\nRestart=no\nTimeoutStartSec=30s\nExecStart=\nExecStart={command}\n"
+            ),
         )
         .expect("the probe's drop-in");
         std::fs::write(rootfs.join("etc/skerry/probe.env"), "EDGE=unused\n")

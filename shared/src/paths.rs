@@ -139,6 +139,16 @@ pub enum PathsError {
     Locked { path: PathBuf, pid: Option<u32> },
 }
 
+impl PathsError {
+    /// The lock file another agent holds, for a [`PathsError::Locked`].
+    pub fn locked_path(&self) -> Option<&Path> {
+        match self {
+            PathsError::Locked { path, .. } => Some(path),
+            _ => None,
+        }
+    }
+}
+
 fn pid_note(pid: &Option<u32>) -> String {
     pid.map(|pid| format!(" (pid {pid})")).unwrap_or_default()
 }
@@ -441,6 +451,8 @@ impl StateLock {
             .create(true)
             .truncate(false)
             .mode(0o600)
+            // Not through a link: the lock file is written (the pid).
+            .custom_flags(nix::libc::O_NOFOLLOW)
             .open(&path)
             .map_err(PathsError::io(&path))?;
         match file.try_lock() {

@@ -140,8 +140,10 @@ impl Pair {
                     token.clone(),
                 ));
             }
-            let socket = admin::AdminSocket::claim(socket, &[]).expect("claiming the admin socket");
-            if let Err(e) = admin::serve(socket, controller, token).await {
+            let mut socket =
+                admin::AdminSocket::claim(socket, &[]).expect("claiming the admin socket");
+            let listener = socket.take_listener().expect("the admin listener");
+            if let Err(e) = admin::serve(listener, controller, token).await {
                 panic!("admin socket: {e:#}");
             }
         });
