@@ -189,6 +189,12 @@ fn a_local_edge_uses_the_tunnel_addresses_given() {
             .any(|l| l.split_whitespace().next() == Some(namespace.as_str())),
         "the local edge's namespace is left behind: {left}"
     );
+    // As root, the agent also locked root's socket name (one agent per name
+    // for root, whatever XDG_RUNTIME_DIR says); the lock file stays after it.
+    let _ = std::fs::remove_file(format!(
+        "{}/{name}.sock.lock",
+        skerry::paths::ROOT_SOCKET_DIR
+    ));
 }
 
 /// Runs `home-agent` with `args`; its exit code and stderr.
