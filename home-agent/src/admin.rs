@@ -381,11 +381,13 @@ impl Controller {
 }
 
 /// The admin socket, bound when `connect` starts, with a lock beside it
-/// (`NAME.sock.lock`), both held until this value is dropped (at the
-/// agent's very end; dropping it removes the socket, the locks still
-/// held): agents of one name with different state directories (the
-/// service's in /var/lib, one started by hand with sudo) share the socket
-/// path, and the second is refused before it makes or dials anything.
+/// (`NAME.sock.lock`), both held until this value is dropped at the agent's
+/// very end (which removes the socket, the locks still held).
+///
+/// Agents of one name with different state directories (the service's in
+/// /var/lib, one started by hand with sudo) share the socket path, or as
+/// root /run/skerry's lock: the second is refused before it makes or dials
+/// anything.
 #[derive(Debug)]
 pub struct AdminSocket {
     listener: Option<std::os::unix::net::UnixListener>,
@@ -400,9 +402,7 @@ impl AdminSocket {
     pub fn claim(path: PathBuf, also: &[PathBuf]) -> Result<AdminSocket, ClaimError> {
         let mut locks = Vec::new();
         for p in std::iter::once(&path).chain(also) {
-            let mut lock = p.clone().into_os_string();
-            lock.push(".lock");
-            locks.push(StateLock::acquire_file(PathBuf::from(lock))?);
+            locks.push(StateLock::acquire_file(skerry::paths::socket_lock(p))?);
         }
         // The lock is held: a socket file here is stale.
         let bind = || -> std::io::Result<std::os::unix::net::UnixListener> {
@@ -425,10 +425,6 @@ impl AdminSocket {
             path,
             _locks: locks,
         })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// The listener, for [`serve`] (once; on a runtime).

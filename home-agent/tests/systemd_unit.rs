@@ -1,13 +1,12 @@
 //! `deploy/systemd/home-agent@.service`, run by a real systemd: a Debian
 //! system of the host's release (mmdebstrap: minbase and systemd, cached)
-//! boots in a
-//! `systemd-nspawn` container whose network namespace the test made, with
-//! this build's home-agent installed and the unit enabled the way the
-//! README says. The agent must come up from the unit alone and serve a
+//! boots in a `systemd-nspawn` container whose network namespace the test
+//! made, with this build's home-agent installed and the unit enabled the way
+//! the README says. The agent must come up from the unit alone and serve a
 //! request through an edge (a real edge-agent in a namespace of its own),
 //! answer `home-agent ports` on its admin socket (also from a root login
 //! shell), refuse a second agent of its name started by hand, be restarted
-//! after it is killed, and stop cleanly; inside the sandbox the unit
+//! after it is killed, and stop cleanly, staying inside the sandbox the unit
 //! promises (one capability, no new privileges, a system call filter that
 //! denies what it says).
 
@@ -52,7 +51,7 @@ fn the_home_agent_unit_serves_restarts_and_stops_under_systemd() {
                 .stdout(Stdio::null())
                 .status()
                 .is_ok_and(|s| s.success()),
-            "{tool} is missing: run scripts/install-deps (systemd-container, mmdebstrap, util-linux)"
+            "{tool} is missing: run scripts/install-deps (systemd, systemd-container, mmdebstrap, util-linux)"
         );
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");

@@ -191,9 +191,9 @@ fn a_local_edge_uses_the_tunnel_addresses_given() {
     );
     // As root, the agent also locked root's socket name (one agent per name
     // for root, whatever XDG_RUNTIME_DIR says); the lock file stays after it.
-    let _ = std::fs::remove_file(format!(
-        "{}/{name}.sock.lock",
-        skerry::paths::ROOT_SOCKET_DIR
+    let name: skerry::paths::EdgeName = name.parse().expect("a valid name");
+    let _ = std::fs::remove_file(skerry::paths::socket_lock(
+        &skerry::paths::root_socket_path(&name),
     ));
 }
 

@@ -207,8 +207,8 @@ pub fn runtime_socket_path(name: &EdgeName) -> Result<PathBuf, PathsError> {
     )
 }
 
-/// Where a home-agent run by root (`sudo home-agent connect`) listens, as
-/// `<name>.sock`: a directory only root can enter.
+/// Where a home-agent run by root (the service, `sudo home-agent connect`)
+/// listens, as `<name>.sock`: a directory only root can enter.
 pub const ROOT_SOCKET_DIR: &str = "/run/skerry";
 
 /// Root's system-wide socket for `name` (the service's, `sudo home-agent
@@ -216,6 +216,13 @@ pub const ROOT_SOCKET_DIR: &str = "/run/skerry";
 /// of its own, and must still find (and not run beside) these agents.
 pub fn root_socket_path(name: &EdgeName) -> PathBuf {
     Path::new(ROOT_SOCKET_DIR).join(format!("{name}.sock"))
+}
+
+/// The lock file beside the admin socket `socket`: `<name>.sock.lock`.
+pub fn socket_lock(socket: &Path) -> PathBuf {
+    let mut lock = socket.as_os_str().to_owned();
+    lock.push(".lock");
+    PathBuf::from(lock)
 }
 
 /// [`root_socket_path`], its directory made (root's, 0700) if missing.
@@ -422,8 +429,9 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// An exclusive lock on `<state_dir>/lock`, held for as long as this value
-/// lives, so that two agents never drive one edge.
+/// An exclusive lock on a file, held for as long as this value lives:
+/// `<state_dir>/lock`, so that two agents never drive one edge, and an
+/// admin socket's `<name>.sock.lock`, so that two never share one name.
 ///
 /// The lock is an advisory `flock` (std's `File::try_lock`): the kernel
 /// drops it when the process exits, however it exits, so a stale lock file

@@ -140,9 +140,9 @@ impl Pair {
                     token.clone(),
                 ));
             }
-            let mut socket =
+            let mut admin_socket =
                 admin::AdminSocket::claim(socket, &[]).expect("claiming the admin socket");
-            let listener = socket.take_listener().expect("the admin listener");
+            let listener = admin_socket.take_listener().expect("the admin listener");
             if let Err(e) = admin::serve(listener, controller, token).await {
                 panic!("admin socket: {e:#}");
             }
