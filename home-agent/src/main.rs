@@ -453,43 +453,63 @@ struct Tuning {
 /// only connects.
 fn agent_socket(name: &EdgeName) -> anyhow::Result<PathBuf> {
     let own = paths::runtime_socket_path(name)?;
-    if own.exists() {
+    let root = nix::unistd::geteuid().is_root();
+    // A root login shell (`sudo -i`, ssh) has XDG_RUNTIME_DIR set, and so
+    // looks elsewhere than the service and `sudo home-agent connect`, which
+    // use root's system-wide directory.
+    let system = paths::root_socket_path(name);
+    let roots = if own.exists() {
         // In a shared /tmp, anyone could have made it to catch our requests.
         paths::owned_socket(&own, nix::unistd::geteuid().as_raw())?;
-        return Ok(own);
-    }
-    if nix::unistd::geteuid().is_root() {
-        // A root login shell (`sudo -i`, ssh) has XDG_RUNTIME_DIR set, and
-        // so looks elsewhere than the service and `sudo home-agent
-        // connect`, which use root's system-wide directory.
-        let system = paths::root_socket_path(name);
-        if system != own && system.exists() {
-            paths::owned_socket(&system, 0)?;
-            return Ok(system);
+        Some(own.clone())
+    } else if root && system != own && system.exists() {
+        paths::owned_socket(&system, 0)?;
+        Some(system)
+    } else {
+        None
+    };
+    // `sudo home-agent ports …` may mean an agent the user started.
+    let users = if root { sudo_user_socket(name) } else { None };
+    match (roots, users) {
+        (Some(roots), Some(users)) => {
+            say_err!(
+                "two home-agents run for edge {name}: root's at {} (this one) and that of the user \
+                 who ran sudo at {} (run this command without sudo for it)",
+                roots.display(),
+                users.display()
+            );
+            Ok(roots)
         }
-        // `sudo home-agent ports …` for an agent the user started.
-        let user = std::env::var("SUDO_UID")
-            .ok()
-            .and_then(|uid| uid.parse::<u32>().ok())
-            .filter(|&uid| uid != 0);
-        if let Some(theirs) = user.and_then(|uid| paths::user_socket(uid, name)) {
+        (Some(roots), None) => Ok(roots),
+        (None, Some(users)) => {
             say_err!(
                 "using the home-agent of the user who ran sudo, at {}",
-                theirs.display()
+                users.display()
             );
-            return Ok(theirs);
+            Ok(users)
         }
-    } else if Path::new(paths::ROOT_SOCKET_DIR).exists() {
-        // Root's socket cannot even be looked for from here.
-        bail!(
-            "no home-agent of yours is running for edge {name} (nothing at {}). If you started \
-             it as root (with sudo), its socket is under {}, which only root can enter: run this \
-             command as root too; otherwise start one with `home-agent connect`",
-            own.display(),
-            paths::ROOT_SOCKET_DIR
-        );
+        (None, None) if !root && Path::new(paths::ROOT_SOCKET_DIR).exists() => {
+            // Root's socket cannot even be looked for from here.
+            bail!(
+                "no home-agent of yours is running for edge {name} (nothing at {}). If you \
+                 started it as root (with sudo), its socket is under {}, which only root can \
+                 enter: run this command as root too; otherwise start one with `home-agent connect`",
+                own.display(),
+                paths::ROOT_SOCKET_DIR
+            );
+        }
+        (None, None) => Ok(own),
     }
-    Ok(own)
+}
+
+/// The socket of the agent the user who ran `sudo` started for `name`, if
+/// there is one and it is truly theirs.
+fn sudo_user_socket(name: &EdgeName) -> Option<PathBuf> {
+    let uid = std::env::var("SUDO_UID")
+        .ok()
+        .and_then(|uid| uid.parse::<u32>().ok())
+        .filter(|&uid| uid != 0)?;
+    paths::user_socket(uid, name)
 }
 
 /// Sends one request to the running agent and prints its answer; the exit

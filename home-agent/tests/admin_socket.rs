@@ -213,6 +213,59 @@ fn sudo_ports_reaches_the_agent_its_user_started_and_only_it() {
     );
 }
 
+/// Root and the user who ran sudo each run an agent of the name: `sudo
+/// home-agent ports` reaches root's, and says that the user's exists and
+/// how to reach it.
+#[test]
+fn sudo_ports_with_two_agents_of_a_name_says_which_it_uses() {
+    require_root();
+    let name = unique_name("two");
+    let uid = 4_100_000_000 + std::process::id() % 1_000_000;
+    let dir = PathBuf::from(format!("/tmp/skerry-{uid}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .expect("the user's socket dir");
+    let _dir = Removed(dir.clone());
+    let users = dir.join(format!("{name}.sock"));
+    let _users_listener = UnixListener::bind(&users).expect("the user's agent's socket");
+    std::os::unix::fs::chown(&dir, Some(uid), None).expect("chown");
+    std::os::unix::fs::chown(&users, Some(uid), None).expect("chown");
+
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(ROOT_SOCKET_DIR)
+        .expect("root's socket dir");
+    let roots = Path::new(ROOT_SOCKET_DIR).join(format!("{name}.sock"));
+    let _ = std::fs::remove_file(&roots);
+    struct RemovedFile(PathBuf);
+    impl Drop for RemovedFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _roots = RemovedFile(roots.clone());
+    let agent = fake_agent(
+        UnixListener::bind(&roots).expect("root's agent's socket"),
+        Response::Ports { ports: Vec::new() },
+    );
+    let out = ports_list(
+        Command::new(env!("CARGO_BIN_EXE_home-agent")).env("SUDO_UID", uid.to_string()),
+        &name,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(agent.join().expect("root's agent"), Request::List);
+    assert!(
+        stderr.contains("two home-agents run")
+            && stderr.contains(&roots.display().to_string())
+            && stderr.contains(&users.display().to_string()),
+        "it did not say there are two: {stderr}"
+    );
+}
+
 #[test]
 fn ports_without_sudo_says_to_use_sudo_for_an_agent_root_started() {
     require_root();
