@@ -158,28 +158,56 @@ fn ports_list(cmd: &mut Command, name: &str) -> Output {
         .expect("running home-agent")
 }
 
+/// The socket of an agent of `name` started by a user with no session
+/// dir (so under /tmp) and a uid no one has (`base` + this process's id),
+/// made by root: [`UserAgent::make_theirs`] hands it over.
+struct UserAgent {
+    uid: u32,
+    dir: Removed,
+    socket: PathBuf,
+    listener: UnixListener,
+}
+
+impl UserAgent {
+    fn new(base: u32, name: &str) -> UserAgent {
+        let uid = base + std::process::id() % 1_000_000;
+        let dir = PathBuf::from(format!("/tmp/skerry-{uid}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .expect("the user's socket dir");
+        let socket = dir.join(format!("{name}.sock"));
+        let listener = UnixListener::bind(&socket).expect("the user's agent's socket");
+        UserAgent {
+            uid,
+            dir: Removed(dir),
+            socket,
+            listener,
+        }
+    }
+
+    fn make_theirs(&self) {
+        std::os::unix::fs::chown(&self.dir.0, Some(self.uid), None).expect("chown");
+        std::os::unix::fs::chown(&self.socket, Some(self.uid), None).expect("chown");
+    }
+
+    /// `sudo home-agent ports list --name NAME`, typed by this user.
+    fn sudo_ports_list(&self, name: &str) -> Output {
+        ports_list(
+            Command::new(env!("CARGO_BIN_EXE_home-agent")).env("SUDO_UID", self.uid.to_string()),
+            name,
+        )
+    }
+}
+
 #[test]
 fn sudo_ports_reaches_the_agent_its_user_started_and_only_it() {
     require_root();
     let name = unique_name("sudo");
-    // A user with no session dir (their agent listens under /tmp), and a uid
-    // no one has.
-    let uid = 4_000_000_000 + std::process::id() % 1_000_000;
-    let dir = PathBuf::from(format!("/tmp/skerry-{uid}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&dir)
-        .expect("the user's socket dir");
-    let _dir = Removed(dir.clone());
-    let socket = dir.join(format!("{name}.sock"));
-    let listener = UnixListener::bind(&socket).expect("the agent's socket");
-    let sudo_ports_list = || {
-        ports_list(
-            Command::new(env!("CARGO_BIN_EXE_home-agent")).env("SUDO_UID", uid.to_string()),
-            &name,
-        )
-    };
+    let user = UserAgent::new(4_000_000_000, &name);
+    let socket = user.socket.clone();
+    let sudo_ports_list = || user.sudo_ports_list(&name);
 
     // Not the user's: someone else could have put it in the shared /tmp.
     let out = sudo_ports_list();
@@ -188,15 +216,17 @@ fn sudo_ports_reaches_the_agent_its_user_started_and_only_it() {
         "root used a socket dir that is not the user's: {}",
         String::from_utf8_lossy(&out.stdout)
     );
-    listener.set_nonblocking(true).expect("non-blocking");
+    user.listener.set_nonblocking(true).expect("non-blocking");
     assert!(
-        listener.accept().is_err(),
+        user.listener.accept().is_err(),
         "root connected to a socket that is not the user's"
     );
 
-    std::os::unix::fs::chown(&dir, Some(uid), None).expect("chown");
-    std::os::unix::fs::chown(&socket, Some(uid), None).expect("chown");
-    let agent = fake_agent(listener, Response::Ports { ports: Vec::new() });
+    user.make_theirs();
+    let agent = fake_agent(
+        user.listener.try_clone().expect("the listener"),
+        Response::Ports { ports: Vec::new() },
+    );
     let out = sudo_ports_list();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -220,18 +250,9 @@ fn sudo_ports_reaches_the_agent_its_user_started_and_only_it() {
 fn sudo_ports_with_two_agents_of_a_name_says_which_it_uses() {
     require_root();
     let name = unique_name("two");
-    let uid = 4_100_000_000 + std::process::id() % 1_000_000;
-    let dir = PathBuf::from(format!("/tmp/skerry-{uid}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&dir)
-        .expect("the user's socket dir");
-    let _dir = Removed(dir.clone());
-    let users = dir.join(format!("{name}.sock"));
-    let _users_listener = UnixListener::bind(&users).expect("the user's agent's socket");
-    std::os::unix::fs::chown(&dir, Some(uid), None).expect("chown");
-    std::os::unix::fs::chown(&users, Some(uid), None).expect("chown");
+    let user = UserAgent::new(4_100_000_000, &name);
+    user.make_theirs();
+    let users = user.socket.clone();
 
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -251,10 +272,7 @@ fn sudo_ports_with_two_agents_of_a_name_says_which_it_uses() {
         UnixListener::bind(&roots).expect("root's agent's socket"),
         Response::Ports { ports: Vec::new() },
     );
-    let out = ports_list(
-        Command::new(env!("CARGO_BIN_EXE_home-agent")).env("SUDO_UID", uid.to_string()),
-        &name,
-    );
+    let out = user.sudo_ports_list(&name);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert_eq!(agent.join().expect("root's agent"), Request::List);
