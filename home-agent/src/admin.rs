@@ -131,6 +131,24 @@ impl Controller {
         }
     }
 
+    /// A controller of `map` with no edge behind it, as tests drive one:
+    /// also the map's receiver and the status's sender.
+    #[cfg(test)]
+    pub(crate) fn for_test(
+        map: PortMap,
+        config_file: Option<PathBuf>,
+    ) -> (
+        Controller,
+        watch::Receiver<PortMap>,
+        watch::Sender<HomeStatus>,
+    ) {
+        let (map_tx, map_rx) = watch::channel(map);
+        let (status_tx, status_rx) = watch::channel(HomeStatus::default());
+        let edge = SocketAddr::from(([127, 0, 0, 1], 7443));
+        let controller = Controller::new("test".into(), edge, map_tx, status_rx, config_file);
+        (controller, map_rx, status_tx)
+    }
+
     pub fn map(&self) -> PortMap {
         self.map.borrow().clone()
     }
@@ -553,15 +571,7 @@ mod tests {
         let (map, refused) =
             PortMap::from_specs(1, vec!["tcp/80=127.0.0.1:80".parse().expect("a spec")]);
         assert!(refused.is_empty());
-        let (map_tx, map_rx) = watch::channel(map);
-        let (_status_tx, status_rx) = watch::channel(HomeStatus::default());
-        let controller = Controller::new(
-            "test".into(),
-            "127.0.0.1:7443".parse().expect("an address"),
-            map_tx,
-            status_rx,
-            None,
-        );
+        let (controller, map_rx, _status_tx) = Controller::for_test(map, None);
         // 200,000 prefixes in one allow list: over 1 MiB.
         let allow: Vec<String> = (0..200_000u32)
             .map(|i| format!("10.{}.{}.0/24", i >> 8 & 0xff, i & 0xff))
@@ -603,15 +613,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("a scratch directory");
         let path = dir.path().join("edge.sock");
         let system = dir.path().join("system.sock");
-        let (map_tx, _map_rx) = watch::channel(PortMap::default());
-        let (_status_tx, status_rx) = watch::channel(HomeStatus::default());
-        let controller = Arc::new(Controller::new(
-            "test".into(),
-            "127.0.0.1:7443".parse().expect("an address"),
-            map_tx,
-            status_rx,
-            None,
-        ));
+        let (controller, _map_rx, _status_tx) = Controller::for_test(PortMap::default(), None);
+        let controller = Arc::new(controller);
         let first = AdminSocket::claim(path.clone(), std::slice::from_ref(&system))
             .expect("the first agent's socket");
         for (p, what) in [

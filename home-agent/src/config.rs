@@ -398,15 +398,8 @@ mod tests {
             let specs = parse_map(path, loaded, &[]).expect("a valid file");
             let (map, refused) = PortMap::from_specs(1, specs);
             assert!(refused.is_empty());
-            let (map_tx, map_rx) = watch::channel(map);
-            let (status_tx, status_rx) = watch::channel(HomeStatus::default());
-            let controller = Arc::new(Controller::new(
-                "test".into(),
-                "127.0.0.1:7443".parse().expect("an address"),
-                map_tx,
-                status_rx,
-                Some(path.to_owned()),
-            ));
+            let (controller, map_rx, status_tx) = Controller::for_test(map, Some(path.to_owned()));
+            let controller = Arc::new(controller);
             let stop = CancellationToken::new();
             let status = status_tx.subscribe();
             tokio::spawn(follow(

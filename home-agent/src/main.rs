@@ -453,14 +453,15 @@ struct Tuning {
 /// only connects.
 fn agent_socket(name: &EdgeName) -> anyhow::Result<PathBuf> {
     let own = paths::runtime_socket_path(name)?;
-    let root = nix::unistd::geteuid().is_root();
+    let euid = nix::unistd::geteuid();
+    let root = euid.is_root();
     // A root login shell (`sudo -i`, ssh) has XDG_RUNTIME_DIR set, and so
     // looks elsewhere than the service and `sudo home-agent connect`, which
     // use root's system-wide directory.
     let system = paths::root_socket_path(name);
     let roots = if own.exists() {
         // In a shared /tmp, anyone could have made it to catch our requests.
-        paths::owned_socket(&own, nix::unistd::geteuid().as_raw())?;
+        paths::owned_socket(&own, euid.as_raw())?;
         Some(own.clone())
     } else if root && system != own && system.exists() {
         paths::owned_socket(&system, 0)?;

@@ -92,26 +92,17 @@ fn the_home_agent_unit_serves_restarts_and_stops_under_systemd() {
     // home namespace by a veth (made from a thread in the home namespace).
     let edge = {
         let name = name.clone();
-        home.spawn_thread("start-edge", move || {
+        in_namespace(&home, "start-edge", move || {
             LocalEdge::start(&name, &pki, TunnelAddrs::DEFAULT)
         })
-        .expect("a thread in the home namespace")
-        .join()
-        .expect("starting the edge panicked")
-        .expect("entering the home namespace")
         .expect("starting the edge")
     };
 
     // The service at home, on the home namespace's loopback.
-    let service = home
-        .spawn_thread("bind-service", || {
-            TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        })
-        .expect("a thread in the home namespace")
-        .join()
-        .expect("binding the service panicked")
-        .expect("entering the home namespace")
-        .expect("binding the service");
+    let service = in_namespace(&home, "bind-service", || {
+        TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+    })
+    .expect("binding the service");
     let target = service.local_addr().expect("the service's address");
     std::thread::spawn(move || serve_greeting(service));
 
@@ -127,11 +118,11 @@ fn the_home_agent_unit_serves_restarts_and_stops_under_systemd() {
         format!("ports = [\"tcp/{PUBLIC_PORT}={target}\"]\n"),
     )
     .expect("the port map");
+    let unit = format!("home-agent@{name}.service");
     run(Command::new("systemctl")
         .arg(format!("--root={}", rootfs.display()))
-        .args(["enable", &format!("home-agent@{name}.service")]));
+        .args(["enable", &unit]));
 
-    let unit = format!("home-agent@{name}.service");
     let started = Instant::now();
     let container = Container::boot(&rootfs, &home, work.path());
     let public = SocketAddr::from((edge.public_v4, PUBLIC_PORT));
@@ -567,7 +558,7 @@ fn serve_greeting(listener: TcpListener) {
 /// One connection to `addr` from the home namespace: the greeting must
 /// come back whole.
 fn request(home: &NetNs, addr: SocketAddr) -> Result<(), String> {
-    home.spawn_thread("client", move || -> Result<(), String> {
+    in_namespace(home, "client", move || -> Result<(), String> {
         let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
             .map_err(|e| format!("connecting to {addr}: {e}"))?;
         stream
@@ -586,10 +577,19 @@ fn request(home: &NetNs, addr: SocketAddr) -> Result<(), String> {
             ))
         }
     })
-    .map_err(|e| e.to_string())?
-    .join()
-    .map_err(|_| "the client thread panicked".to_owned())?
-    .map_err(|e| e.to_string())?
+}
+
+/// Runs `f` on a thread in `ns` and returns what it returns.
+fn in_namespace<T: Send + 'static>(
+    ns: &NetNs,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    ns.spawn_thread(what, f)
+        .unwrap_or_else(|e| panic!("{what}: no thread: {e}"))
+        .join()
+        .unwrap_or_else(|_| panic!("{what}: the thread panicked"))
+        .unwrap_or_else(|e| panic!("{what}: entering {}: {e}", ns.name()))
 }
 
 /// Polls `check` until it succeeds; on timeout, panics with its last error
